@@ -1,0 +1,119 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"time"
+
+	"meshbroker/config"
+	"meshbroker/models"
+	"meshbroker/services"
+)
+
+// runCommand runs a provisioning subcommand against the configured
+// database. Bad input is reported on stderr with exit code 2 and changes
+// nothing.
+func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, stderr io.Writer) int {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	fail := func(code int, format string, a ...any) int {
+		fmt.Fprintf(stderr, "meshbroker: "+format+"\n", a...)
+		return code
+	}
+	cmd := args[0]
+	if len(args) > 1 && (cmd == "mesh" || cmd == "member") {
+		cmd += " " + args[1]
+		args = args[2:]
+	} else {
+		args = args[1:]
+	}
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		meshID    = fs.String("mesh", "", "mesh id")
+		pubkey    = fs.String("pubkey", "", "member public key, 64 lowercase hex")
+		name      = fs.String("name", "", "display name")
+		role      = fs.String("role", "member", "admin or member")
+		member    = fs.String("member", "", "member id or pubkey")
+		ownerUser = fs.String("owner-user", "", "mesh.owner_user_id (an existing user id on a database the web app shares)")
+		ownerName = fs.String("owner-name", "", "display name of the owner member")
+		out       = fs.String("out", "demo-identities.json", "where demo writes the identities")
+	)
+	var positional []string
+	for len(args) > 0 {
+		if err := fs.Parse(args); err != nil {
+			return 2
+		}
+		args = fs.Args()
+		if len(args) > 0 {
+			positional = append(positional, args[0])
+			args = args[1:]
+		}
+	}
+	switch cmd {
+	case "mesh create", "member add", "member revoke", "demo":
+	default:
+		return fail(2, "unknown command %q (see meshbroker --help)", cmd)
+	}
+	if cmd == "mesh create" && len(positional) != 1 {
+		return fail(2, "mesh create needs exactly one NAME")
+	}
+	if cmd == "member add" && (*meshID == "" || *pubkey == "" || *name == "") {
+		return fail(2, "member add needs --mesh, --pubkey and --name")
+	}
+	if cmd == "member revoke" && (*meshID == "" || *member == "") {
+		return fail(2, "member revoke needs --mesh and --member")
+	}
+	db, err := models.Open(ctx, cfg.DatabaseURL, cfg.DataDir, logger)
+	if err != nil {
+		return fail(1, "%v", err)
+	}
+	defer db.Close()
+	if err := db.Bootstrap(ctx); err != nil {
+		return fail(1, "%v", err)
+	}
+	prov := services.NewProvisionService(db, time.Now)
+	print := func(v any) int {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(v); err != nil {
+			return fail(1, "%v", err)
+		}
+		return 0
+	}
+	switch cmd {
+	case "mesh create":
+		id, err := prov.CreateMesh(ctx, positional[0], *ownerUser, *ownerName)
+		if err != nil {
+			return fail(2, "%v", err)
+		}
+		return print(id)
+	case "member add":
+		id, err := prov.AddMember(ctx, *meshID, *pubkey, *name, *role)
+		if err != nil {
+			return fail(2, "%v", err)
+		}
+		return print(id)
+	case "member revoke":
+		if _, err := prov.RevokeMember(ctx, *meshID, *member); err != nil {
+			return fail(2, "%v", err)
+		}
+		return print(map[string]string{"revoked": *member})
+	default: // demo
+		ids, err := prov.Demo(ctx, "demo")
+		if err != nil {
+			return fail(1, "%v", err)
+		}
+		b, _ := json.MarshalIndent(ids, "", "  ")
+		if err := os.WriteFile(*out, append(b, '\n'), 0o600); err != nil {
+			return fail(1, "write %s: %v", *out, err)
+		}
+		fmt.Fprintf(stdout, "mesh %s with members alice and bob; identities written to %s\n", ids[0].MeshID, *out)
+		return 0
+	}
+}

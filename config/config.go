@@ -1,0 +1,305 @@
+// Package config turns the process environment into a validated Config.
+//
+// Every knob the broker reads from the environment is declared once in the
+// vars table below, with its default and what it accepts, so that validation,
+// `meshbroker --help` and the README cannot drift apart. Every duration the
+// services use lives in Config too, also the ones no environment variable
+// sets, so that tests can shrink grace windows and sweeper intervals to
+// milliseconds instead of sleeping.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Config is everything the broker needs to know before it starts. The zero
+// value is not useful; start from Default or Load.
+type Config struct {
+	// Network.
+	Host string // BROKER_HOST, default 0.0.0.0
+	Port int    // BROKER_PORT, default 7900; 0 picks a free port (tests)
+
+	// Storage.
+	DatabaseURL string // DATABASE_URL; empty means embedded SQLite under DataDir
+	DataDir     string // DATA_DIR, default ./data
+
+	// Limits.
+	MaxConnectionsPerMesh int // MAX_CONNECTIONS_PER_MESH, default 100
+	MaxMessageBytes       int // MAX_MESSAGE_BYTES, default 65536: WS frame cap, send size cap, HTTP body cap
+	HookRateLimitPerMin   int // HOOK_RATE_LIMIT_PER_MIN, default 30: hook bucket capacity and refill per minute
+	SendRateBurst         int // SEND_RATE_BURST, default 10: send bucket capacity per member
+	SendRatePerMin        int // SEND_RATE_LIMIT_PER_MIN, default 60; 0 disables the send limiter
+	OutboxFrames          int // frames buffered per socket before it counts as a slow consumer, default 1024
+
+	// Status model (03 §2, §5).
+	StatusTTL            time.Duration // STATUS_TTL_SECONDS, default 60 s: stuck `working` flips to idle
+	HookFreshWindow      time.Duration // HOOK_FRESH_WINDOW_SECONDS, default 30 s
+	StatusSweepInterval  time.Duration // default 15 s: how often the TTL sweeper runs
+	PendingStatusTTL     time.Duration // default 10 s: a parked hook status applies to hellos this young
+	PendingSweepInterval time.Duration // default 10 s
+
+	// Handshake and liveness (01 §7).
+	HelloTimeout   time.Duration // HELLO_TIMEOUT_MS, default 10 s: unauthenticated sockets are closed after it
+	HelloSkew      time.Duration // default 60 s: accepted |now - hello.timestamp|
+	MaxAttestTTL   time.Duration // default 24 h: furthest accepted attestation expiry
+	PingInterval   time.Duration // default 30 s: broker pings each online socket this often
+	PongTimeout    time.Duration // default 75 s: no pong for this long and the socket is terminated
+	WriteWait      time.Duration // default 10 s: one socket write may take this long
+	LeaseTTL       time.Duration // LEASE_TTL_MS, default 90 s: offline lease (grace) after a socket drops
+	StaleSweep     time.Duration // default 30 s: DB stale-presence sweeper interval
+	StaleThreshold time.Duration // default 90 s: rows with last_ping_at older than this are marked disconnected
+
+	// Queue (02 §5).
+	ClaimLease          time.Duration // default 30 s: a claimed row is invisible to other drains this long
+	ClaimReapInterval   time.Duration // default 15 s
+	OrphanSweepInterval time.Duration // default 1 h
+	OrphanAge           time.Duration // default 7 days: undelivered rows older than this are deleted
+	QueueDepthInterval  time.Duration // default 30 s: broker_queue_depth refresh
+	RateLimitGCInterval time.Duration // default 5 min: idle token buckets are dropped
+	RateLimitIdle       time.Duration // default 10 min
+
+	// Operations.
+	DBHealthInterval time.Duration // default 30 s between health pings while healthy
+	ShutdownTimeout  time.Duration // default 10 s: the whole graceful shutdown must fit in it
+	GitSHA           string        // GIT_SHA, surfaced on /health
+	ExpectedSchema   string        // EXPECTED_MIGRATION: /health/ready is 503 until this schema version is recorded
+	LogLevel         slog.Level    // LOG_LEVEL: debug, info, warn, error; default info
+
+	// Extras (04).
+	WatchAllowPrivate bool   // WATCH_ALLOW_PRIVATE, default false: URL watches may reach private addresses
+	ResumeTokenKey    string // RESUME_TOKEN_KEY: 64 hex (ed25519 seed); empty means generated and persisted
+}
+
+// Default returns the reference defaults.
+func Default() Config {
+	return Config{
+		Host:                  "0.0.0.0",
+		Port:                  7900,
+		DataDir:               "./data",
+		MaxConnectionsPerMesh: 100,
+		MaxMessageBytes:       65536,
+		HookRateLimitPerMin:   30,
+		SendRateBurst:         10,
+		SendRatePerMin:        60,
+		OutboxFrames:          1024,
+
+		StatusTTL:            60 * time.Second,
+		HookFreshWindow:      30 * time.Second,
+		StatusSweepInterval:  15 * time.Second,
+		PendingStatusTTL:     10 * time.Second,
+		PendingSweepInterval: 10 * time.Second,
+
+		HelloTimeout:   10 * time.Second,
+		HelloSkew:      60 * time.Second,
+		MaxAttestTTL:   24 * time.Hour,
+		PingInterval:   30 * time.Second,
+		PongTimeout:    75 * time.Second,
+		WriteWait:      10 * time.Second,
+		LeaseTTL:       90 * time.Second,
+		StaleSweep:     30 * time.Second,
+		StaleThreshold: 90 * time.Second,
+
+		ClaimLease:          30 * time.Second,
+		ClaimReapInterval:   15 * time.Second,
+		OrphanSweepInterval: time.Hour,
+		OrphanAge:           7 * 24 * time.Hour,
+		QueueDepthInterval:  30 * time.Second,
+		RateLimitGCInterval: 5 * time.Minute,
+		RateLimitIdle:       10 * time.Minute,
+
+		DBHealthInterval: 30 * time.Second,
+		ShutdownTimeout:  10 * time.Second,
+		GitSHA:           "",
+		LogLevel:         slog.LevelInfo,
+	}
+}
+
+// Addr is the listen address.
+func (c Config) Addr() string { return c.Host + ":" + strconv.Itoa(c.Port) }
+
+// envVar is one environment variable: its name, what --help says about it,
+// and how it lands in Config.
+type envVar struct {
+	name    string
+	accepts string // shown in --help and in the error for a bad value
+	help    string
+	def     func(Config) string
+	set     func(*Config, string) error
+}
+
+var errBad = errors.New("bad value")
+
+func positiveInt(dst func(*Config) *int) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return errBad
+		}
+		*dst(c) = n
+		return nil
+	}
+}
+
+func nonNegativeInt(dst func(*Config) *int) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return errBad
+		}
+		*dst(c) = n
+		return nil
+	}
+}
+
+func durationIn(unit time.Duration, dst func(*Config) *time.Duration) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n <= 0 || n > int64(365*24*time.Hour/unit) {
+			return errBad
+		}
+		*dst(c) = time.Duration(n) * unit
+		return nil
+	}
+}
+
+func showInt(get func(Config) int) func(Config) string {
+	return func(c Config) string { return strconv.Itoa(get(c)) }
+}
+
+func showDuration(unit time.Duration, get func(Config) time.Duration) func(Config) string {
+	return func(c Config) string { return strconv.FormatInt(int64(get(c)/unit), 10) }
+}
+
+// vars is the one table of environment variables.
+var vars = []envVar{
+	{name: "BROKER_PORT", accepts: "an integer 0-65535", help: "HTTP and WebSocket port (/ws, /hook/set-status, /health, /metrics)",
+		def: showInt(func(c Config) int { return c.Port }),
+		set: func(c *Config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 || n > 65535 {
+				return errBad
+			}
+			c.Port = n
+			return nil
+		}},
+	{name: "BROKER_HOST", accepts: "an IP address or host name", help: "listen address",
+		def: func(c Config) string { return c.Host },
+		set: func(c *Config, v string) error {
+			if strings.ContainsAny(v, " /") {
+				return errBad
+			}
+			c.Host = v
+			return nil
+		}},
+	{name: "DATABASE_URL", accepts: "a URL starting with postgres:// or postgresql://", help: "Postgres database (mesh schema); unset: embedded SQLite under DATA_DIR",
+		def: func(Config) string { return "" },
+		set: func(c *Config, v string) error {
+			if !strings.HasPrefix(v, "postgres://") && !strings.HasPrefix(v, "postgresql://") {
+				return errBad
+			}
+			c.DatabaseURL = v
+			return nil
+		}},
+	{name: "DATA_DIR", accepts: "a directory path", help: "where the embedded SQLite database lives when DATABASE_URL is unset",
+		def: func(c Config) string { return c.DataDir },
+		set: func(c *Config, v string) error { c.DataDir = v; return nil }},
+	{name: "STATUS_TTL_SECONDS", accepts: "a positive integer (seconds)", help: "a `working` status older than this flips to idle",
+		def: showDuration(time.Second, func(c Config) time.Duration { return c.StatusTTL }),
+		set: durationIn(time.Second, func(c *Config) *time.Duration { return &c.StatusTTL })},
+	{name: "HOOK_FRESH_WINDOW_SECONDS", accepts: "a positive integer (seconds)", help: "how long a hook-reported status beats inference",
+		def: showDuration(time.Second, func(c Config) time.Duration { return c.HookFreshWindow }),
+		set: durationIn(time.Second, func(c *Config) *time.Duration { return &c.HookFreshWindow })},
+	{name: "MAX_CONNECTIONS_PER_MESH", accepts: "a positive integer", help: "registry entries (online and in grace) per mesh",
+		def: showInt(func(c Config) int { return c.MaxConnectionsPerMesh }),
+		set: positiveInt(func(c *Config) *int { return &c.MaxConnectionsPerMesh })},
+	{name: "MAX_MESSAGE_BYTES", accepts: "a positive integer (bytes)", help: "largest WebSocket frame, send payload and HTTP body",
+		def: showInt(func(c Config) int { return c.MaxMessageBytes }),
+		set: positiveInt(func(c *Config) *int { return &c.MaxMessageBytes })},
+	{name: "HOOK_RATE_LIMIT_PER_MIN", accepts: "a positive integer", help: "hook requests per (pid, cwd) per minute",
+		def: showInt(func(c Config) int { return c.HookRateLimitPerMin }),
+		set: positiveInt(func(c *Config) *int { return &c.HookRateLimitPerMin })},
+	{name: "SEND_RATE_LIMIT_PER_MIN", accepts: "a non-negative integer; 0 disables the limiter", help: "sends per member per minute (refill rate)",
+		def: showInt(func(c Config) int { return c.SendRatePerMin }),
+		set: nonNegativeInt(func(c *Config) *int { return &c.SendRatePerMin })},
+	{name: "SEND_RATE_BURST", accepts: "a positive integer", help: "send bucket capacity per member",
+		def: showInt(func(c Config) int { return c.SendRateBurst }),
+		set: positiveInt(func(c *Config) *int { return &c.SendRateBurst })},
+	{name: "LEASE_TTL_MS", accepts: "a positive integer (milliseconds)", help: "offline lease after a socket drops; a reconnect inside it is silent",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.LeaseTTL }),
+		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.LeaseTTL })},
+	{name: "HELLO_TIMEOUT_MS", accepts: "a positive integer (milliseconds)", help: "a socket without a completed hello is closed after this",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.HelloTimeout }),
+		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.HelloTimeout })},
+	{name: "WATCH_ALLOW_PRIVATE", accepts: "true or false", help: "let URL watches reach loopback, private and link-local addresses",
+		def: func(c Config) string { return strconv.FormatBool(c.WatchAllowPrivate) },
+		set: func(c *Config, v string) error {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return errBad
+			}
+			c.WatchAllowPrivate = b
+			return nil
+		}},
+	{name: "RESUME_TOKEN_KEY", accepts: "64 hex characters (an ed25519 seed)", help: "signs resume tokens; unset: generated once and kept in the database",
+		def: func(Config) string { return "" },
+		set: func(c *Config, v string) error {
+			if len(v) != 64 || strings.Trim(strings.ToLower(v), "0123456789abcdef") != "" {
+				return errBad
+			}
+			c.ResumeTokenKey = strings.ToLower(v)
+			return nil
+		}},
+	{name: "EXPECTED_MIGRATION", accepts: "a schema version string", help: "/health/ready answers 503 until this schema version is recorded",
+		def: func(Config) string { return "" },
+		set: func(c *Config, v string) error { c.ExpectedSchema = v; return nil }},
+	{name: "GIT_SHA", accepts: "any string", help: "build revision shown on /health",
+		def: func(Config) string { return "" },
+		set: func(c *Config, v string) error { c.GitSHA = v; return nil }},
+	{name: "LOG_LEVEL", accepts: "debug, info, warn or error", help: "lowest level logged (JSON lines on stderr)",
+		def: func(c Config) string { return strings.ToLower(c.LogLevel.String()) },
+		set: func(c *Config, v string) error {
+			var l slog.Level
+			if err := l.UnmarshalText([]byte(v)); err != nil {
+				return errBad
+			}
+			c.LogLevel = l
+			return nil
+		}},
+}
+
+// Load reads every variable through getenv (os.Getenv in production, a map
+// in tests). An unset or empty variable keeps its default. The first bad
+// value stops loading with an error naming the variable and what it accepts.
+func Load(getenv func(string) string) (Config, error) {
+	c := Default()
+	for _, v := range vars {
+		raw := strings.TrimSpace(getenv(v.name))
+		if raw == "" {
+			continue
+		}
+		if err := v.set(&c, raw); err != nil {
+			return Config{}, fmt.Errorf("%s=%q is invalid: expected %s", v.name, raw, v.accepts)
+		}
+	}
+	return c, nil
+}
+
+// Usage is the environment part of `meshbroker --help`.
+func Usage() string {
+	var b strings.Builder
+	d := Default()
+	b.WriteString("Environment variables (default in brackets):\n")
+	for _, v := range vars {
+		def := v.def(d)
+		if def == "" {
+			def = "unset"
+		}
+		fmt.Fprintf(&b, "  %-26s %s [%s]\n  %-26s accepts %s\n", v.name, v.help, def, "", v.accepts)
+	}
+	return b.String()
+}

@@ -1,0 +1,234 @@
+package handlers
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/labstack/echo/v4"
+
+	"meshbroker/protocol"
+	"meshbroker/services"
+)
+
+// wsConn is one WebSocket. gorilla allows one concurrent reader and one
+// concurrent writer: readLoop (in the handler goroutine) is the only reader
+// and writeLoop the only writer; anyone may call Offer, Close and Terminate.
+//
+// Policy for a second socket of one session: the presence service decides
+// (reattach, takeover or dedup); this type only carries frames.
+type wsConn struct {
+	// Static after construction.
+	srv     *Server
+	ws      *websocket.Conn
+	log     *slog.Logger
+	out     chan protocol.Frame // never closed: writeLoop exits on closing
+	closing chan struct{}       // closed once, by shutdown()
+
+	// Written once before closing is closed, read by writeLoop after.
+	closeOnce  sync.Once
+	closeFrame protocol.Close
+	abrupt     bool // Terminate: drop the TCP connection, no close frame
+
+	authed atomic.Bool // set by readLoop after a successful hello; read by the hello timer
+
+	// Owned by readLoop.
+	presence *services.Conn
+}
+
+// Offer queues a frame for the writer without blocking. A full queue means
+// a slow consumer: the socket is closed with the retry code and the caller
+// falls back to the durable queue (the next socket's drain).
+func (w *wsConn) Offer(f protocol.Frame) bool {
+	select {
+	case <-w.closing:
+		return false
+	default:
+	}
+	select {
+	case w.out <- f:
+		return true
+	default:
+		w.srv.svc.Metrics.SlowConsumers.Inc()
+		w.log.Warn("slow consumer", "queued", len(w.out))
+		w.Close(protocol.CloseSlowConsumer)
+		return false
+	}
+}
+
+// Close sends c after the frames already offered, then ends the socket.
+func (w *wsConn) Close(c protocol.Close) { w.shutdown(c, false) }
+
+// Terminate ends the socket without a close frame; the peer sees 1006.
+func (w *wsConn) Terminate() {
+	w.shutdown(protocol.Close{}, true)
+	_ = w.ws.NetConn().Close() // unblocks both loops at once
+}
+
+func (w *wsConn) shutdown(c protocol.Close, abrupt bool) {
+	w.closeOnce.Do(func() {
+		w.closeFrame, w.abrupt = c, abrupt
+		close(w.closing)
+	})
+}
+
+// writeLoop writes offered frames and pings, and on close flushes what was
+// offered before it, writes the close frame and gives the peer WriteWait to
+// answer before the reader's deadline ends the connection.
+func (w *wsConn) writeLoop(done chan<- struct{}) {
+	defer close(done)
+	cfg := w.srv.cfg
+	ping := time.NewTicker(cfg.PingInterval)
+	defer ping.Stop()
+	write := func(f protocol.Frame) bool {
+		_ = w.ws.SetWriteDeadline(time.Now().Add(cfg.WriteWait))
+		if err := w.ws.WriteMessage(websocket.TextMessage, f); err != nil {
+			w.Terminate()
+			return false
+		}
+		return true
+	}
+	for {
+		select {
+		case f := <-w.out:
+			if !write(f) {
+				return
+			}
+		case <-ping.C:
+			if err := w.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(cfg.WriteWait)); err != nil {
+				w.Terminate()
+				return
+			}
+		case <-w.closing:
+			if w.abrupt {
+				return
+			}
+			for flushing := true; flushing; {
+				select {
+				case f := <-w.out:
+					if !write(f) {
+						return
+					}
+				default:
+					flushing = false
+				}
+			}
+			msg := websocket.FormatCloseMessage(w.closeFrame.Code, w.closeFrame.Reason)
+			_ = w.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(cfg.WriteWait))
+			// The reader returns when the peer answers the close, or at this deadline.
+			_ = w.ws.NetConn().SetReadDeadline(time.Now().Add(cfg.WriteWait))
+			return
+		}
+	}
+}
+
+// handleWS upgrades exactly `/ws` and serves the socket until it closes.
+func (s *Server) handleWS(c echo.Context) error {
+	if c.Request().RequestURI != "/ws" || !websocket.IsWebSocketUpgrade(c.Request()) {
+		if websocket.IsWebSocketUpgrade(c.Request()) {
+			dropConnection(c)
+			return nil
+		}
+		return echo.ErrNotFound
+	}
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		dropConnection(c)
+		return nil
+	}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer s.wg.Done()
+
+	ws, err := s.upgrader.Upgrade(c.Response(), c.Request(), nil)
+	if err != nil {
+		return nil // the upgrader already answered with an HTTP error
+	}
+	s.svc.Metrics.ConnectionsTotal.Inc()
+	w := &wsConn{
+		srv: s, ws: ws, out: make(chan protocol.Frame, s.cfg.OutboxFrames), closing: make(chan struct{}),
+		log: s.log.With("conn", remoteShort(ws.RemoteAddr())),
+	}
+	s.mu.Lock()
+	s.socks[w] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.socks, w)
+		s.mu.Unlock()
+	}()
+	w.serve()
+	return nil
+}
+
+func remoteShort(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+// serve runs the reader in this goroutine and the writer beside it; both
+// have stopped when it returns, and the presence (if any) has been told.
+func (w *wsConn) serve() {
+	cfg := w.srv.cfg
+	writerDone := make(chan struct{})
+	go w.writeLoop(writerDone)
+
+	helloTimer := time.AfterFunc(cfg.HelloTimeout, func() {
+		if !w.authed.Load() {
+			w.Offer(protocol.MustEncode(protocol.ErrorFrame{Type: "error", Code: protocol.CodeHelloTimeout, Message: "no hello within " + cfg.HelloTimeout.String()}))
+			w.Close(protocol.HandshakeClose(protocol.CodeHelloTimeout))
+		}
+	})
+	w.ws.SetReadLimit(int64(cfg.MaxMessageBytes))
+	_ = w.ws.SetReadDeadline(time.Now().Add(cfg.PongTimeout))
+	w.ws.SetPongHandler(func(string) error {
+		_ = w.ws.SetReadDeadline(time.Now().Add(cfg.PongTimeout))
+		if w.presence != nil {
+			w.srv.svc.Presence.Pong(w.presence)
+		}
+		return nil
+	})
+	for {
+		_, data, err := w.ws.ReadMessage()
+		if err != nil {
+			w.logReadEnd(err)
+			break
+		}
+		w.dispatch(data)
+	}
+	helloTimer.Stop()
+	// Tear the socket down before the presence cleanup, so a reconnecting
+	// client never finds this socket still registered as live.
+	w.shutdown(protocol.Close{}, true)
+	_ = w.ws.NetConn().Close()
+	<-writerDone
+	if w.presence != nil {
+		w.srv.svc.Presence.Closed(w.presence, w)
+	}
+}
+
+func (w *wsConn) logReadEnd(err error) {
+	var ce *websocket.CloseError
+	switch {
+	case errors.As(err, &ce):
+		w.log.Debug("ws closed by peer", "code", ce.Code, "reason", ce.Text)
+	case errors.Is(err, websocket.ErrReadLimit):
+		w.log.Warn("ws frame too large", "limit", w.srv.cfg.MaxMessageBytes)
+	default:
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			if w.presence != nil {
+				w.log.Warn("ws stale terminate", "presence_id", w.presence.PresenceID)
+			}
+			return
+		}
+		w.log.Debug("ws read ended", "err", err)
+	}
+}

@@ -1,0 +1,270 @@
+// Command meshbroker is a routing-only broker for claudemesh: it
+// authenticates peers, keeps their presence through short disconnects and
+// delivers end-to-end encrypted envelopes it cannot read.
+//
+// main.go is wiring only: configuration, storage, services, the HTTP edge,
+// background jobs and shutdown. The provisioning subcommands are in cli.go.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"meshbroker/config"
+	"meshbroker/handlers"
+	"meshbroker/models"
+	"meshbroker/protocol"
+	"meshbroker/services"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
+}
+
+// run is main with its inputs and outputs injected; it returns the exit code.
+func run(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	cfg, err := config.Load(getenv)
+	if len(args) > 0 && (args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+		fmt.Fprint(stdout, usage)
+		fmt.Fprint(stdout, config.Usage())
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "meshbroker:", err)
+		return 1
+	}
+	logger := newLogger(stderr, cfg.LogLevel)
+	if len(args) > 0 {
+		return runCommand(args, cfg, logger, stdout, stderr)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	b, err := startBroker(ctx, cfg, logger)
+	if err != nil {
+		logger.Error("start", "err", err)
+		return 1
+	}
+	<-ctx.Done()
+	logger.Info("shutdown signal")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if err := b.Close(shutdownCtx); err != nil {
+		logger.Error("shutdown", "err", err)
+		return 1
+	}
+	logger.Info("shutdown complete")
+	return 0
+}
+
+// newLogger writes one JSON object per line with the reference's keys:
+// ts (ISO ms), level (lower case), component, msg.
+func newLogger(w io.Writer, level slog.Level) *slog.Logger {
+	h := slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+		if len(groups) > 0 {
+			return a
+		}
+		switch a.Key {
+		case slog.TimeKey:
+			return slog.String("ts", protocol.ISO(a.Value.Time()))
+		case slog.LevelKey:
+			return slog.String("level", strings.ToLower(a.Value.String()))
+		}
+		return a
+	}})
+	return slog.New(h).With("component", "broker")
+}
+
+// broker is one running meshbroker: the same wiring serves main and the
+// end-to-end tests.
+type broker struct {
+	cfg       config.Config
+	log       *slog.Logger
+	db        *models.DB
+	metrics   *services.Metrics
+	presence  *services.PresenceService
+	messaging *services.MessagingService
+	status    *services.StatusService
+	queue     *services.QueueService
+	audit     *services.AuditService
+	health    *services.HealthService
+	server    *handlers.Server
+	ln        net.Listener
+
+	stopJobs  context.CancelFunc
+	jobs      sync.WaitGroup
+	served    chan error
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// startBroker opens storage, bootstraps the schema, wires the services and
+// starts listening; it returns once the port is bound.
+func startBroker(ctx context.Context, cfg config.Config, logger *slog.Logger) (*broker, error) {
+	db, err := models.Open(ctx, cfg.DatabaseURL, cfg.DataDir, logger)
+	if err != nil {
+		return nil, err
+	}
+	if err := db.Bootstrap(ctx); err != nil {
+		db.Close()
+		return nil, err
+	}
+	b, err := newBroker(cfg, logger, db)
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+// newBroker wires services on an open, bootstrapped database and listens.
+func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB) (*broker, error) {
+	now := time.Now
+	b := &broker{cfg: cfg, log: logger, db: db, metrics: services.NewMetrics(), served: make(chan error, 1)}
+	b.health = services.NewHealthService(db, logger, b.metrics, cfg.DBHealthInterval)
+	b.audit = services.NewAuditService(db, logger, b.metrics, now)
+	members := services.NewMemberDirectory(db, now, 5*time.Second)
+	b.status = services.NewStatusService(cfg, db, logger, b.metrics, now)
+	b.presence = services.NewPresenceService(cfg, db, logger, b.metrics, members, b.status, b.audit, now)
+	b.queue = services.NewQueueService(cfg, db, logger, b.metrics, now)
+	b.messaging = services.NewMessagingService(cfg, logger, b.metrics, now, b.presence, b.queue, b.status, members, b.audit)
+	b.server = handlers.New(cfg, logger, handlers.Services{
+		Presence: b.presence, Messaging: b.messaging, Status: b.status, Health: b.health, Audit: b.audit, Metrics: b.metrics,
+		Ready: func(ctx context.Context) error {
+			if cfg.ExpectedSchema != "" {
+				ok, err := db.HasSchemaVersion(ctx, cfg.ExpectedSchema)
+				if err != nil {
+					return err
+				}
+				if !ok {
+					return fmt.Errorf("schema version %s not recorded", cfg.ExpectedSchema)
+				}
+			}
+			return db.SchemaReady(ctx)
+		},
+	}, now)
+
+	ln, err := net.Listen("tcp", cfg.Addr())
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)
+	}
+	b.ln = ln
+	b.audit.Start()
+	b.queue.Start()
+	b.health.Check(context.Background())
+	jobsCtx, cancel := context.WithCancel(context.Background())
+	b.stopJobs = cancel
+	b.startJobs(jobsCtx)
+	go func() { b.served <- b.server.Serve(ln) }()
+	logger.Info("broker listening", "port", b.Port(), "version", handlers.Version, "gitSha", cfg.GitSHA, "ws_path", "/ws",
+		"ttl_seconds", int(cfg.StatusTTL.Seconds()), "hook_fresh_seconds", int(cfg.HookFreshWindow.Seconds()),
+		"max_connections_per_mesh", cfg.MaxConnectionsPerMesh, "max_message_bytes", cfg.MaxMessageBytes,
+		"hook_rate_limit_per_min", cfg.HookRateLimitPerMin, "lease_ttl_ms", cfg.LeaseTTL.Milliseconds(), "db", db.Dialect.String())
+	return b, nil
+}
+
+// Port is the bound port (useful with BROKER_PORT=0).
+func (b *broker) Port() int { return b.ln.Addr().(*net.TCPAddr).Port }
+
+// every runs fn every interval until ctx ends.
+func (b *broker) every(ctx context.Context, name string, interval time.Duration, fn func(context.Context) error) {
+	b.jobs.Add(1)
+	go func() {
+		defer b.jobs.Done()
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if err := fn(ctx); err != nil && ctx.Err() == nil {
+					b.log.Error("background job", "job", name, "err", err)
+				}
+			}
+		}
+	}()
+}
+
+func (b *broker) startJobs(ctx context.Context) {
+	cfg := b.cfg
+	b.jobs.Add(1)
+	go func() { defer b.jobs.Done(); b.health.Run(ctx) }()
+	b.every(ctx, "pong flush", max(cfg.PingInterval/3, time.Millisecond), b.presence.FlushPongs)
+	b.every(ctx, "stale presence sweep", cfg.StaleSweep, func(ctx context.Context) error { _, err := b.presence.SweepStale(ctx); return err })
+	b.every(ctx, "stale pong watchdog", cfg.PingInterval, func(context.Context) error {
+		for _, o := range b.presence.StaleSockets() {
+			o.Terminate()
+		}
+		return nil
+	})
+	b.every(ctx, "status ttl sweep", cfg.StatusSweepInterval, func(ctx context.Context) error { _, err := b.status.SweepTTL(ctx); return err })
+	b.every(ctx, "pending status sweep", cfg.PendingSweepInterval, b.status.SweepPending)
+	b.every(ctx, "claim reaper", cfg.ClaimReapInterval, func(ctx context.Context) error {
+		b.messaging.SweepInflight(time.Now())
+		return b.messaging.ReapAndRedrain(ctx)
+	})
+	b.every(ctx, "orphan sweep", cfg.OrphanSweepInterval, func(ctx context.Context) error { _, err := b.queue.SweepOrphans(ctx); return err })
+	b.every(ctx, "queue depth", cfg.QueueDepthInterval, func(ctx context.Context) error {
+		n, err := b.queue.Depth(ctx)
+		if err == nil {
+			b.metrics.QueueDepth.Set(float64(n))
+		}
+		return err
+	})
+	b.every(ctx, "rate limit gc", cfg.RateLimitGCInterval, func(context.Context) error { b.status.GCBuckets(); b.messaging.GCBuckets(); return nil })
+}
+
+// Close is the graceful shutdown of 03 §9.5 with S2: mark this process's
+// presence rows disconnected, close every socket with 1001, wait for the
+// socket goroutines and background jobs, flush the queue and audit
+// writers, close storage.
+func (b *broker) Close(ctx context.Context) error {
+	b.closeOnce.Do(func() { b.closeErr = b.close(ctx) })
+	return b.closeErr
+}
+
+func (b *broker) close(ctx context.Context) error {
+	var errs []error
+	b.stopJobs()
+	if err := b.presence.Shutdown(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	if err := b.server.Shutdown(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("http shutdown: %w", err))
+	}
+	if err := <-b.served; err != nil {
+		errs = append(errs, fmt.Errorf("serve: %w", err))
+	}
+	b.jobs.Wait()
+	b.queue.Stop()
+	if err := b.audit.Close(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("audit flush: %w", err))
+	}
+	if err := b.db.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close database: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+const usage = `meshbroker: a claudemesh broker.
+
+Usage:
+  meshbroker                         serve /ws, /hook/set-status, /health, /metrics
+  meshbroker mesh create NAME [--owner-user ID] [--owner-name NAME]
+                                     create a mesh and an admin member; prints its identity (with secret key) as JSON
+  meshbroker member add --mesh ID --pubkey HEX --name NAME [--role admin|member]
+  meshbroker member revoke --mesh ID --member ID|PUBKEY
+  meshbroker demo [--out FILE]       create a mesh with two members and write their identities to FILE (default demo-identities.json)
+  meshbroker --help
+
+`

@@ -1,0 +1,317 @@
+package main
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"meshbroker/client"
+	"meshbroker/config"
+	"meshbroker/models"
+	"meshbroker/models/modelstest"
+	"meshbroker/protocol"
+	"meshbroker/services"
+)
+
+// The end-to-end tests start a real broker on 127.0.0.1:0 through the same
+// wiring main uses, on SQLite in a temp dir or, with TEST_DATABASE_URL, on
+// a fresh Postgres database, and talk to it with the client package over
+// real sockets with real keys. Durations are shrunk through config, so no
+// test sleeps for seconds.
+
+type testBroker struct {
+	*broker
+	t   *testing.T
+	cfg config.Config
+}
+
+// testConfig is the default config with a free port, the test's storage,
+// the send limiter off and every timer short.
+func testConfig(t *testing.T) config.Config {
+	t.Helper()
+	cfg := config.Default()
+	cfg.Host, cfg.Port = "127.0.0.1", 0
+	cfg.DataDir = t.TempDir()
+	if os.Getenv(modelstest.EnvDatabaseURL) != "" {
+		cfg.DatabaseURL = modelstest.FreshPostgresURL(t)
+	}
+	cfg.SendRatePerMin = 0
+	cfg.HelloTimeout = 5 * time.Second
+	cfg.LeaseTTL = 2 * time.Second
+	cfg.ClaimLease = 3 * time.Second
+	cfg.ClaimReapInterval = 100 * time.Millisecond
+	cfg.DBHealthInterval = 50 * time.Millisecond
+	cfg.QueueDepthInterval = 50 * time.Millisecond
+	cfg.ShutdownTimeout = 10 * time.Second
+	cfg.LogLevel = slog.LevelDebug
+	return cfg
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+// startTestBroker starts a broker whose config opts may change, and stops it
+// when the test ends.
+func startTestBroker(t *testing.T, opts ...func(*config.Config)) *testBroker {
+	t.Helper()
+	cfg := testConfig(t)
+	for _, o := range opts {
+		o(&cfg)
+	}
+	return startWithConfig(t, cfg)
+}
+
+func startWithConfig(t *testing.T, cfg config.Config) *testBroker {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	b, err := startBroker(ctx, cfg, testLogger(t))
+	if err != nil {
+		t.Fatalf("start broker: %v", err)
+	}
+	tb := &testBroker{broker: b, t: t, cfg: cfg}
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { tb.stop() }) })
+	return tb
+}
+
+func (b *testBroker) stop() {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if err := b.Close(ctx); err != nil {
+		b.t.Errorf("broker close: %v", err)
+	}
+}
+
+func (b *testBroker) url() string { return fmt.Sprintf("ws://127.0.0.1:%d/ws", b.Port()) }
+
+func (b *testBroker) httpURL(path string) string {
+	return fmt.Sprintf("http://127.0.0.1:%d%s", b.Port(), path)
+}
+
+// fixture is a mesh with members A, B, C (A is the admin owner) and a
+// revoked member R.
+type fixture struct {
+	meshID  string
+	name    string
+	a, b, c client.Identity
+	r       client.Identity
+}
+
+func (b *testBroker) fixture() fixture {
+	b.t.Helper()
+	ctx := context.Background()
+	prov := services.NewProvisionService(b.db, time.Now)
+	name := "mesh-" + models.NewID()[:6]
+	owner, err := prov.CreateMesh(ctx, name, "", "alice")
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	key, _ := owner.PrivateKey()
+	f := fixture{meshID: owner.MeshID, name: name, a: client.Identity{MeshID: owner.MeshID, MemberID: owner.MemberID, DisplayName: "alice", Key: key}}
+	add := func(n string) client.Identity {
+		_, k, _ := ed25519.GenerateKey(nil)
+		id, err := prov.AddMember(ctx, owner.MeshID, protocol.PubkeyHex(k), n, "member")
+		if err != nil {
+			b.t.Fatal(err)
+		}
+		return client.Identity{MeshID: owner.MeshID, MemberID: id.MemberID, DisplayName: n, Key: k}
+	}
+	f.b, f.c, f.r = add("bob"), add("carol"), add("rita")
+	if _, err := prov.RevokeMember(ctx, owner.MeshID, f.r.MemberID); err != nil {
+		b.t.Fatal(err)
+	}
+	return f
+}
+
+// connect opens a client and closes it when the test ends.
+func (b *testBroker) connect(id client.Identity, opts client.Options) *client.Client {
+	b.t.Helper()
+	c, err := b.tryConnect(id, opts)
+	if err != nil {
+		b.t.Fatalf("connect %s: %v", id.DisplayName, err)
+	}
+	return c
+}
+
+func (b *testBroker) tryConnect(id client.Identity, opts client.Options) (*client.Client, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if opts.Cwd == "" && !contains(opts.Omit, "cwd") {
+		opts.Cwd = "/work/" + id.DisplayName
+	}
+	c, err := client.Connect(ctx, b.url(), id, opts)
+	if err != nil {
+		return nil, err
+	}
+	b.t.Cleanup(func() { c.Kill() })
+	return c, nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// pushEvent is the part of a push the tests look at.
+type pushEvent struct {
+	Type               string          `json:"type"`
+	Subtype            string          `json:"subtype"`
+	Event              string          `json:"event"`
+	EventData          json.RawMessage `json:"eventData"`
+	MessageID          string          `json:"messageId"`
+	MeshID             string          `json:"meshId"`
+	SenderPubkey       string          `json:"senderPubkey"`
+	SenderMemberPubkey string          `json:"senderMemberPubkey"`
+	SenderName         string          `json:"senderName"`
+	Priority           string          `json:"priority"`
+	Nonce              string          `json:"nonce"`
+	Ciphertext         string          `json:"ciphertext"`
+	CreatedAt          string          `json:"createdAt"`
+	Topic              string          `json:"topic"`
+	ClientMessageID    string          `json:"client_message_id"`
+}
+
+// waitFrame returns the next frame of c matching match, failing after
+// timeout. Non-matching frames are dropped.
+func waitFrame(t *testing.T, c *client.Client, timeout time.Duration, match func(client.Frame) bool) client.Frame {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	for {
+		f, err := c.Next(ctx)
+		if err != nil {
+			t.Fatalf("waiting for a frame: %v", err)
+		}
+		if match(f) {
+			return f
+		}
+	}
+}
+
+// collect gathers every frame matching match that arrives within d.
+func collect(c *client.Client, d time.Duration, match func(client.Frame) bool) []client.Frame {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	var out []client.Frame
+	for {
+		f, err := c.Next(ctx)
+		if err != nil {
+			return out
+		}
+		if match(f) {
+			out = append(out, f)
+		}
+	}
+}
+
+func isEvent(name string) func(client.Frame) bool {
+	return func(f client.Frame) bool {
+		if f.Type != "push" {
+			return false
+		}
+		var p pushEvent
+		_ = f.Decode(&p)
+		return p.Subtype == "system" && p.Event == name
+	}
+}
+
+func isMessage(f client.Frame) bool {
+	if f.Type != "push" {
+		return false
+	}
+	var p pushEvent
+	_ = f.Decode(&p)
+	return p.Subtype == ""
+}
+
+func decodePush(t *testing.T, f client.Frame) pushEvent {
+	t.Helper()
+	var p pushEvent
+	if err := f.Decode(&p); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// waitFor polls cond every few milliseconds until it holds.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// queryRow scans one row of raw SQL with {table} placeholders resolved.
+func (b *testBroker) query(dst any, sql string, args ...any) {
+	b.t.Helper()
+	for _, name := range []string{"presence", "message_queue", "audit_log", "peer_state", "member", "pending_status", "topic", "topic_member", "topic_message", "state", "stream"} {
+		sql = strings.ReplaceAll(sql, "{"+name+"}", b.db.Table(name))
+	}
+	if err := b.db.Raw(sql, args...).Scan(dst).Error; err != nil {
+		b.t.Fatalf("query %q: %v", sql, err)
+	}
+}
+
+func (b *testBroker) exec(sql string, args ...any) {
+	b.t.Helper()
+	for _, name := range []string{"presence", "message_queue", "audit_log", "peer_state", "member", "pending_status", "topic", "topic_member"} {
+		sql = strings.ReplaceAll(sql, "{"+name+"}", b.db.Table(name))
+	}
+	if err := b.db.Exec(sql, args...).Error; err != nil {
+		b.t.Fatalf("exec %q: %v", sql, err)
+	}
+}
+
+// sealTo encrypts a small body for a recipient key.
+func sealTo(t *testing.T, from ed25519.PrivateKey, to ed25519.PublicKey, body string) (string, string) {
+	t.Helper()
+	n, c, err := client.Seal([]byte(body), to, from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n, c
+}
+
+func pub(k ed25519.PrivateKey) ed25519.PublicKey { return k.Public().(ed25519.PublicKey) }
+
+// goroutinesSettle waits until the goroutine count is back near base.
+func goroutinesSettle(t *testing.T, base int, slack int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		n := runtime.NumGoroutine()
+		if n <= base+slack {
+			return
+		}
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			buf = buf[:runtime.Stack(buf, true)]
+			t.Fatalf("goroutines: %d, started with %d\n%s", n, base, buf)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}

@@ -1,0 +1,601 @@
+package services
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"time"
+
+	"meshbroker/models"
+	"meshbroker/protocol"
+)
+
+// HandshakeError rejects a hello: the edge sends the error frame, then
+// closes the socket with protocol.HandshakeClose(Code).
+type HandshakeError struct {
+	Code    protocol.Code
+	Message string
+	metric  string // broker_connections_rejected_total reason, when it differs from Code
+}
+
+func (e *HandshakeError) Error() string { return string(e.Code) + ": " + e.Message }
+
+func reject(code protocol.Code, msg string) *HandshakeError {
+	return &HandshakeError{Code: code, Message: msg}
+}
+
+// helloInput is what both hello kinds have in common once checked.
+type helloInput struct {
+	meshID        string
+	member        *MemberRow
+	memberPubkey  string
+	sessionPubkey string
+	hasSession    bool
+	sessionID     string
+	hasSID        bool
+	displayName   string
+	pid           int
+	cwd           string
+	groups        []protocol.Group
+	groupsGiven   bool // hello.groups was an array
+	hostname      string
+	peerType      string
+	channel       string
+	model         string
+	role          PeerRole
+}
+
+func rawStr(r json.RawMessage) string {
+	s, _ := protocol.RawString(r)
+	return s
+}
+
+func rawInt(r json.RawMessage) int {
+	f, ok := protocol.RawNumber(r)
+	if !ok || f > math.MaxInt32 || f < math.MinInt32 {
+		return 0
+	}
+	return int(f)
+}
+
+func (p *PresenceService) skewOK(r json.RawMessage, now time.Time) bool {
+	ts, ok := protocol.RawNumber(r)
+	if !ok {
+		return false
+	}
+	return math.Abs(float64(now.UnixMilli())-ts) <= float64(p.cfg.HelloSkew.Milliseconds())
+}
+
+func (p *PresenceService) rejected(e *HandshakeError) *HandshakeError {
+	reason := e.metric
+	if reason == "" {
+		reason = string(e.Code)
+	}
+	p.metrics.ConnectionsRejected.WithLabelValues(reason).Inc()
+	return e
+}
+
+// Hello authenticates a member hello (01 §2) and registers, reattaches or
+// replaces the presence. On success hello_ack has been offered to out and
+// the joins have been broadcast; the returned Conn is the socket's presence.
+func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hello) (*Conn, error) {
+	started := p.now()
+	sp, spPresent := h.SessionPubkey, len(h.SessionPubkey) > 0 && string(h.SessionPubkey) != "null"
+	sessionPubkey, isStr := protocol.RawString(sp)
+	if spPresent && (!isStr || sessionPubkey != "" && !protocol.IsLowerHex(sessionPubkey, 64)) {
+		return nil, p.rejected(reject(protocol.CodeBadSessionPubkey, "sessionPubkey must be 64 lowercase hex chars"))
+	}
+	sid, hasSID := protocol.RawString(h.SessionID)
+	in := helloInput{
+		meshID: h.MeshID, memberPubkey: h.Pubkey, sessionPubkey: sessionPubkey, hasSession: spPresent,
+		sessionID: sid, hasSID: hasSID && sid != "", displayName: rawStr(h.DisplayName), pid: rawInt(h.Pid), cwd: rawStr(h.Cwd),
+		hostname: rawStr(h.Hostname), peerType: rawStr(h.PeerType), channel: rawStr(h.Channel), model: rawStr(h.Model),
+		role: RoleControlPlane,
+	}
+	in.groups, in.groupsGiven = protocol.ParseGroups(h.Groups)
+	if p.MeshCount(h.MeshID) >= p.cfg.MaxConnectionsPerMesh && !p.hasReattachCandidate(&in) {
+		return nil, p.rejected(reject(protocol.CodeCapacity, "mesh at connection capacity"))
+	}
+	now := p.now()
+	if !p.skewOK(h.Timestamp, now) {
+		return nil, p.rejected(reject(protocol.CodeTimestampSkew, "hello rejected: timestamp_skew"))
+	}
+	if !protocol.IsHex(h.Pubkey, 64) || !protocol.IsHex(h.Signature, 128) {
+		return nil, p.rejected(reject(protocol.CodeMalformed, "hello rejected: malformed"))
+	}
+	ts, _ := protocol.RawNumber(h.Timestamp)
+	ok, err := protocol.Verify(h.Pubkey, protocol.HelloSigningString(h.MeshID, h.MemberID, h.Pubkey, ts), h.Signature)
+	if err != nil {
+		return nil, p.rejected(reject(protocol.CodeMalformed, "hello rejected: malformed"))
+	}
+	if !ok {
+		return nil, p.rejected(reject(protocol.CodeBadSignature, "hello rejected: bad_signature"))
+	}
+	member, err := p.authorize(ctx, h.MeshID, h.Pubkey, "pubkey not found in mesh")
+	if err != nil {
+		return nil, err
+	}
+	in.member = member
+	return p.admit(ctx, out, &in, started)
+}
+
+// SessionHello authenticates a session hello (01 §3): a session key vouched
+// for by its parent member's attestation.
+func (p *PresenceService) SessionHello(ctx context.Context, out Outbox, h *protocol.SessionHello) (*Conn, error) {
+	started := p.now()
+	sessionPubkey, _ := protocol.RawString(h.SessionPubkey)
+	if !protocol.IsLowerHex(sessionPubkey, 64) {
+		return nil, p.rejected(reject(protocol.CodeBadSessionPubkey, "sessionPubkey must be 64 lowercase hex chars"))
+	}
+	parent, _ := protocol.RawString(h.ParentMemberPubkey)
+	if !protocol.IsLowerHex(parent, 64) {
+		return nil, p.rejected(reject(protocol.CodeBadParentPubkey, "parentMemberPubkey must be 64 lowercase hex chars"))
+	}
+	var att protocol.Attestation
+	attOK := len(h.ParentAttestation) > 0 && h.ParentAttestation[0] == '{' && json.Unmarshal(h.ParentAttestation, &att) == nil
+	if !attOK || rawStr(att.SessionPubkey) != sessionPubkey || rawStr(att.ParentMemberPubkey) != parent {
+		return nil, p.rejected(reject(protocol.CodeAttestationMismatch, "parentAttestation does not bind the claimed session+parent pubkeys"))
+	}
+	sid, hasSID := protocol.RawString(h.SessionID)
+	in := helloInput{
+		meshID: h.MeshID, memberPubkey: parent, sessionPubkey: sessionPubkey, hasSession: true,
+		sessionID: sid, hasSID: hasSID && sid != "", displayName: rawStr(h.DisplayName), pid: rawInt(h.Pid), cwd: rawStr(h.Cwd),
+		hostname: rawStr(h.Hostname), peerType: rawStr(h.PeerType), channel: rawStr(h.Channel), model: rawStr(h.Model),
+		role: RoleSession,
+	}
+	in.groups, in.groupsGiven = protocol.ParseGroups(h.Groups)
+	if p.MeshCount(h.MeshID) >= p.cfg.MaxConnectionsPerMesh && !p.hasReattachCandidate(&in) {
+		return nil, p.rejected(reject(protocol.CodeCapacity, "mesh at connection capacity"))
+	}
+	now := p.now()
+	attReject := func(code protocol.Code) *HandshakeError {
+		return p.rejected(&HandshakeError{Code: code, Message: "attestation rejected: " + string(code), metric: "attestation_" + string(code)})
+	}
+	expires, ok := protocol.RawNumber(att.ExpiresAt)
+	switch {
+	case !ok:
+		return nil, attReject(protocol.CodeMalformed)
+	case expires <= float64(now.UnixMilli()):
+		return nil, attReject(protocol.CodeExpired)
+	case expires > float64(now.Add(p.cfg.MaxAttestTTL).UnixMilli()):
+		return nil, attReject(protocol.CodeTTLTooLong)
+	}
+	attSig := rawStr(att.Signature)
+	if !protocol.IsHex(attSig, 128) {
+		return nil, attReject(protocol.CodeMalformed)
+	}
+	if ok, err := protocol.Verify(parent, protocol.SessionAttestString(parent, sessionPubkey, expires), attSig); err != nil || !ok {
+		return nil, attReject(protocol.CodeBadSignature)
+	}
+	sesReject := func(code protocol.Code) *HandshakeError {
+		return p.rejected(&HandshakeError{Code: code, Message: "session_hello rejected: " + string(code), metric: "session_" + string(code)})
+	}
+	if !p.skewOK(h.Timestamp, now) {
+		return nil, sesReject(protocol.CodeTimestampSkew)
+	}
+	sig := rawStr(h.Signature)
+	if !protocol.IsHex(sig, 128) {
+		return nil, sesReject(protocol.CodeMalformed)
+	}
+	ts, _ := protocol.RawNumber(h.Timestamp)
+	if ok, err := protocol.Verify(sessionPubkey, protocol.SessionHelloString(h.MeshID, parent, sessionPubkey, ts), sig); err != nil || !ok {
+		return nil, sesReject(protocol.CodeBadSignature)
+	}
+	member, err := p.authorize(ctx, h.MeshID, parent, "parent pubkey not found in mesh")
+	if err != nil {
+		return nil, err
+	}
+	if pmid := rawStr(h.ParentMemberID); pmid != "" && pmid != member.ID {
+		return nil, p.rejected(reject(protocol.CodeParentMismatch, "parentMemberId does not match parentMemberPubkey"))
+	}
+	in.member = member
+	return p.admit(ctx, out, &in, started)
+}
+
+// authorize is the two-step member lookup: active member, else revoked
+// (4002), else unauthorized.
+func (p *PresenceService) authorize(ctx context.Context, meshID, pubkey, notFound string) (*MemberRow, error) {
+	active, revoked, err := p.members.ByPubkey(ctx, meshID, pubkey)
+	if err != nil {
+		return nil, err
+	}
+	if active != nil {
+		return active, nil
+	}
+	if revoked != nil {
+		label := meshID
+		if m, err := p.members.Mesh(ctx, meshID); err == nil && m != nil {
+			label = m.Label()
+		}
+		return nil, p.rejected(reject(protocol.CodeRevoked, fmt.Sprintf("You've been removed from %q. Contact the mesh owner to rejoin.", label)))
+	}
+	return nil, p.rejected(reject(protocol.CodeUnauthorized, notFound))
+}
+
+// matchesReattachLocked is the reattach rule (01 §6.1 with H3 and H6):
+// session hellos match by session key (any lease state when allowOnline);
+// member hellos by session key and member key, or, without a session key,
+// by session id and member key. mu must be held.
+func matchesReattachLocked(c *Conn, in *helloInput) bool {
+	if c.MeshID != in.meshID || c.MemberPubkey != in.memberPubkey {
+		return false
+	}
+	if in.role == RoleSession {
+		return c.SessionPubkey == in.sessionPubkey
+	}
+	if in.sessionPubkey != "" {
+		return c.SessionPubkey == in.sessionPubkey
+	}
+	return c.SessionPubkey == "" && in.hasSID && c.hasSID && c.sessionID == in.sessionID
+}
+
+// findReattachLocked returns the first entry (insertion order) the hello
+// may take over: an offline lease, or for a session hello also an online
+// entry (H6). mu must be held.
+func (p *PresenceService) findReattachLocked(in *helloInput) *Conn {
+	var best *Conn
+	for _, c := range p.byMesh[in.meshID] {
+		if (!c.online || in.role == RoleSession) && matchesReattachLocked(c, in) && (best == nil || c.seq < best.seq) {
+			best = c
+		}
+	}
+	return best
+}
+
+func (p *PresenceService) hasReattachCandidate(in *helloInput) bool {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.findReattachLocked(in) != nil
+}
+
+// admit runs the success path shared by both hello kinds (01 §2.4, §3.4).
+func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput, started time.Time) (*Conn, error) {
+	member := in.member
+	mesh, err := p.members.Mesh(ctx, in.meshID)
+	if err != nil {
+		return nil, err
+	}
+	var policy *protocol.MeshPolicy
+	if mesh != nil && len(mesh.SelfEditable) > 0 && string(mesh.SelfEditable) != "null" {
+		policy = &protocol.MeshPolicy{SelfEditable: json.RawMessage(mesh.SelfEditable)}
+	}
+	effectiveName := in.displayName
+	if effectiveName == "" {
+		effectiveName = member.DisplayName
+	}
+	defaultGroups, _ := protocol.ParseGroups(json.RawMessage(member.DefaultGroups))
+	if defaultGroups == nil {
+		defaultGroups = []protocol.Group{}
+	}
+	profile := &protocol.MemberProfile{RoleTag: member.RoleTag, Groups: defaultGroups, MessageMode: "push"}
+	if member.MessageMode != nil {
+		profile.MessageMode = *member.MessageMode
+	}
+
+	var saved *peerStateRow
+	if in.role == RoleControlPlane {
+		if saved, err = p.restorePeerState(ctx, in.meshID, member.ID); err != nil {
+			p.log.Warn("restore peer state", "mesh", in.meshID, "member", member.ID, "err", err)
+			saved = nil
+		}
+	}
+	var services *[]protocol.ServiceInfo
+	if in.role == RoleControlPlane {
+		services = p.servicesFor(ctx, in, member.ID)
+	}
+
+	// Reattach before dedup (01 §6.1).
+	if c, err := p.reattach(ctx, out, in, effectiveName, policy, profile, services); c != nil || err != nil {
+		if err == nil {
+			p.metrics.ReattachLatency.Observe(p.now().Sub(started).Seconds())
+		}
+		return c, err
+	}
+
+	// Initial groups (01 §2.4 step 3, §3.4).
+	groups := in.groups
+	restoredGroups := false
+	if in.role == RoleControlPlane {
+		if len(groups) == 0 {
+			groups = nil
+			if saved != nil && len(saved.groups) > 0 {
+				groups, restoredGroups = saved.groups, true
+			} else {
+				groups = defaultGroups
+			}
+		}
+	} else if !in.groupsGiven {
+		groups = defaultGroups
+	}
+	if groups == nil {
+		groups = []protocol.Group{}
+	}
+
+	// Session-id dedup, scoped to the member (H3).
+	if in.hasSID {
+		p.mu.RLock()
+		var dups []*Conn
+		for _, c := range p.byMesh[in.meshID] {
+			if c.hasSID && c.sessionID == in.sessionID && c.MemberID == member.ID {
+				dups = append(dups, c)
+			}
+		}
+		p.mu.RUnlock()
+		for _, c := range dups {
+			if o := p.Outbox(c); o != nil {
+				o.Close(protocol.CloseSessionReplaced)
+			}
+			p.evict(c, EvictDedup, false)
+		}
+	}
+
+	now := p.now()
+	c := &Conn{
+		PresenceID: models.NewID(), MeshID: in.meshID, MemberID: member.ID, MemberPubkey: in.memberPubkey,
+		SessionPubkey: in.sessionPubkey, HasSession: in.hasSession, Role: in.role, ConnectedAt: now,
+		sessionID: in.sessionID, hasSID: in.hasSID, displayName: effectiveName, pid: in.pid, cwd: in.cwd,
+		hostname: in.hostname, peerType: in.peerType, channel: in.channel, model: in.model,
+		groups: groups, visible: true, profile: map[string]json.RawMessage{}, online: true, lastPongAt: now, out: out,
+	}
+	if saved != nil {
+		if saved.visible != nil {
+			c.visible = *saved.visible
+		}
+		if saved.profile != nil {
+			c.profile = saved.profile
+		}
+	}
+	if err := p.insertPresence(ctx, c, in); err != nil {
+		return nil, err
+	}
+	p.status.Track(c.PresenceID, now)
+	if err := p.status.ApplyPending(ctx, c.PresenceID, in.pid, in.cwd); err != nil {
+		p.log.Warn("apply pending status", "presence_id", c.PresenceID, "err", err)
+	}
+
+	ack := protocol.HelloAck{
+		Type: "hello_ack", PresenceID: c.PresenceID, MemberDisplayName: effectiveName, MemberProfile: profile,
+		MeshPolicy: policy, Services: services, LeaseTTLMs: p.cfg.LeaseTTL.Milliseconds(),
+	}
+	if saved != nil {
+		ack.Restored = true
+		ack.LastSummary = saved.lastSummary
+		if saved.lastSeenAt != nil {
+			ack.LastSeenAt = protocol.ISO(*saved.lastSeenAt)
+		}
+		if restoredGroups {
+			ack.RestoredGroups = groups
+		}
+		if len(saved.stats) > 0 && string(saved.stats) != "null" {
+			ack.RestoredStats = saved.stats
+		}
+	}
+	ackFrame := protocol.MustEncode(ack)
+
+	p.mu.Lock()
+	if p.shutdown || (len(p.byMesh[in.meshID]) >= p.cfg.MaxConnectionsPerMesh) || !out.Offer(ackFrame) {
+		full := !p.shutdown && len(p.byMesh[in.meshID]) >= p.cfg.MaxConnectionsPerMesh
+		p.mu.Unlock()
+		// The socket died during the hello, the mesh filled up meanwhile, or
+		// the broker is stopping: leave nothing behind (H4).
+		p.status.Forget(c.PresenceID)
+		_ = p.markDisconnected(context.WithoutCancel(ctx), []string{c.PresenceID})
+		if full {
+			return nil, p.rejected(reject(protocol.CodeCapacity, "mesh at connection capacity"))
+		}
+		return nil, fmt.Errorf("socket closed during hello")
+	}
+	p.addLocked(c)
+	p.mu.Unlock()
+
+	if in.role == RoleSession {
+		p.audit.Record(in.meshID, "peer_joined", member.ID, effectiveName, map[string]any{
+			"pubkey": in.memberPubkey, "session_pubkey": in.sessionPubkey, "groups": groupsPayload(groups), "via": "session_hello", "role": "session",
+		})
+	} else {
+		p.audit.Record(in.meshID, "peer_joined", member.ID, effectiveName, map[string]any{
+			"pubkey": in.memberPubkey, "groups": groupsPayload(groups), "restored": saved != nil, "role": "control-plane",
+		})
+	}
+	p.announceJoin(c, effectiveName, groups, saved)
+	p.log.Info("ws hello", "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()), "role", c.Role, "restored", saved != nil)
+	for _, fn := range p.onAttach {
+		fn(c, true)
+	}
+	return c, nil
+}
+
+func groupsPayload(groups []protocol.Group) []any {
+	out := make([]any, 0, len(groups))
+	for _, g := range groups {
+		m := map[string]any{"name": g.Name}
+		if g.Role != "" {
+			m["role"] = g.Role
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// announceJoin sends peer_joined or peer_returned (01 §8) after the ack.
+func (p *PresenceService) announceJoin(c *Conn, name string, groups []protocol.Group, saved *peerStateRow) {
+	ev := protocol.PeerEvent{Name: name, Pubkey: c.RoutingPubkey(), Groups: &groups}
+	event := "peer_joined"
+	if saved != nil {
+		event = "peer_returned"
+		if saved.lastSeenAt != nil {
+			ev.LastSeenAt = protocol.ISO(*saved.lastSeenAt)
+		}
+		ev.Summary = saved.lastSummary
+	}
+	f := protocol.MustEncode(protocol.NewSystemPush(c.MeshID, event, "low", ev, protocol.ISO(p.now())))
+	p.Broadcast(c.MeshID, f, func(v PeerView) bool {
+		if v.Conn == c {
+			return false
+		}
+		// A session's join reaches its own member's other sockets; a member
+		// hello's join does not.
+		return c.Role == RoleSession || v.Conn.MemberPubkey != c.MemberPubkey
+	})
+}
+
+// reattach swaps out into a matching lease (01 §6.1) or, for a session
+// hello, takes over a live one (H6). It returns nil, nil when nothing
+// matched.
+func (p *PresenceService) reattach(ctx context.Context, out Outbox, in *helloInput, name string, policy *protocol.MeshPolicy, profile *protocol.MemberProfile, services *[]protocol.ServiceInfo) (*Conn, error) {
+	p.mu.Lock()
+	c := p.findReattachLocked(in)
+	if c == nil {
+		p.mu.Unlock()
+		return nil, nil
+	}
+	if in.displayName != "" {
+		c.displayName = in.displayName
+	}
+	ack := protocol.HelloAck{Type: "hello_ack", PresenceID: c.PresenceID, MemberDisplayName: c.displayName, MeshPolicy: policy, LeaseTTLMs: p.cfg.LeaseTTL.Milliseconds()}
+	if in.role == RoleControlPlane {
+		ack.MemberProfile = profile
+		ack.Services = services
+	}
+	if !out.Offer(protocol.MustEncode(ack)) {
+		p.mu.Unlock()
+		return nil, fmt.Errorf("socket closed during hello")
+	}
+	old := c.out
+	wasOnline := c.online
+	if c.leaseTimer != nil {
+		c.leaseTimer.Stop()
+		c.leaseTimer = nil
+	}
+	c.leaseGen++
+	if !wasOnline {
+		p.offline--
+		p.metrics.OfflineLeases.Set(float64(p.offline))
+	}
+	c.out, c.online, c.leaseUntil, c.lastPongAt = out, true, time.Time{}, p.now()
+	c.cwd = in.cwd
+	if in.role == RoleSession && in.hasSID {
+		c.sessionID, c.hasSID = in.sessionID, true // H6: the session id follows the newest socket, in memory only
+	}
+	p.mu.Unlock()
+
+	if wasOnline && old != nil && old != out {
+		old.Close(protocol.CloseSessionReplaced) // its close is ignored: c.out is no longer old
+	}
+	p.metrics.Reattaches.Inc()
+	if err := p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("presence")+" SET disconnected_at = NULL, last_ping_at = ? WHERE id = ?", p.now().UTC(), c.PresenceID).Error; err != nil {
+		p.log.Warn("restore presence", "presence_id", c.PresenceID, "err", err)
+	}
+	p.log.Info("ws reattach", "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()), "takeover", wasOnline)
+	for _, fn := range p.onAttach {
+		fn(c, false)
+	}
+	return c, nil
+}
+
+func (p *PresenceService) insertPresence(ctx context.Context, c *Conn, in *helloInput) error {
+	groups, _ := json.Marshal(c.groups)
+	var sessionPubkey, displayName *string
+	if in.hasSession {
+		s := in.sessionPubkey
+		sessionPubkey = &s
+	}
+	if in.displayName != "" {
+		d := in.displayName
+		displayName = &d
+	}
+	now := c.ConnectedAt.UTC()
+	err := p.db.WithContext(ctx).Exec("INSERT INTO "+p.db.Table("presence")+
+		" (id, member_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_updated_at, groups, role, connected_at, last_ping_at)"+
+		" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+		c.PresenceID, c.MemberID, in.sessionID, sessionPubkey, displayName, in.pid, in.cwd, StatusIdle, SourceJSONL, now,
+		models.JSON(groups), string(c.Role), now, now).Error
+	if err != nil {
+		return fmt.Errorf("insert presence: %w", err)
+	}
+	return nil
+}
+
+// servicesFor builds hello_ack.services from mesh.service (01 §4.1). A
+// failing query omits the key, as the reference does.
+func (p *PresenceService) servicesFor(ctx context.Context, in *helloInput, memberID string) *[]protocol.ServiceInfo {
+	var rows []struct {
+		Name           string
+		Description    *string
+		Status         *string
+		ToolsSchema    models.JSON
+		DeployedBy     *string
+		DeployedByName *string
+		Scope          models.JSON
+	}
+	err := p.db.WithContext(ctx).Raw("SELECT name, description, status, tools_schema, deployed_by, deployed_by_name, scope FROM "+p.db.Table("service")+
+		" WHERE mesh_id = ? AND status = 'running'", in.meshID).Scan(&rows).Error
+	if err != nil {
+		return nil
+	}
+	out := []protocol.ServiceInfo{}
+	for _, r := range rows {
+		if !serviceVisible(r.Scope, r.DeployedBy, memberID, in) {
+			continue
+		}
+		s := protocol.ServiceInfo{Name: r.Name, Description: r.Description, Status: "stopped", Tools: json.RawMessage("[]"), DeployedBy: "unknown"}
+		if r.Status != nil {
+			s.Status = *r.Status
+		}
+		if len(r.ToolsSchema) > 0 && string(r.ToolsSchema) != "null" {
+			s.Tools = json.RawMessage(r.ToolsSchema)
+		}
+		if r.DeployedByName != nil {
+			s.DeployedBy = *r.DeployedByName
+		}
+		out = append(out, s)
+	}
+	return &out
+}
+
+// serviceVisible applies the scope rules of 01 §4.1 in their order.
+func serviceVisible(scope models.JSON, deployedBy *string, memberID string, in *helloInput) bool {
+	if len(scope) == 0 || string(scope) == "null" {
+		return false
+	}
+	var asString string
+	if json.Unmarshal(scope, &asString) == nil {
+		return asString == "mesh" || asString == "peer" && deployedBy != nil && *deployedBy == memberID
+	}
+	var s struct {
+		Type   string   `json:"type"`
+		Peers  []string `json:"peers"`
+		Group  string   `json:"group"`
+		Groups []string `json:"groups"`
+		Role   string   `json:"role"`
+	}
+	if json.Unmarshal(scope, &s) != nil {
+		return false
+	}
+	if s.Type == "mesh" {
+		return true
+	}
+	if s.Type == "peer" {
+		return deployedBy != nil && *deployedBy == memberID
+	}
+	if s.Peers != nil {
+		for _, peer := range s.Peers {
+			if peer == in.displayName || peer == memberID {
+				return true
+			}
+		}
+		return false
+	}
+	for _, g := range in.groups {
+		if s.Group != "" && g.Name == s.Group || s.Role != "" && g.Role == s.Role {
+			return true
+		}
+		for _, name := range s.Groups {
+			if name == g.Name {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -1,0 +1,211 @@
+package services
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"gorm.io/gorm"
+
+	"meshbroker/models"
+)
+
+// MemberDirectory reads mesh and member rows. The web app and the
+// provisioning commands own these tables; the broker only reads them, except
+// for ban/unban (revoked_at). Grants are cached per mesh for a short TTL so
+// a send does not cost a member query; a revocation or grant change takes
+// effect within that TTL, and immediately for ban/unban done here.
+//
+// Concurrency: the grants cache is guarded by mu; queries run outside it.
+type MemberDirectory struct {
+	db       *models.DB
+	now      func() time.Time
+	cacheTTL time.Duration
+
+	mu     sync.Mutex
+	grants map[string]grantsEntry // meshID -> member pubkey -> grants
+}
+
+type grantsEntry struct {
+	loaded time.Time
+	byKey  map[string]map[string][]string // member pubkey -> (granted pubkey -> capabilities)
+}
+
+// MemberRow is the part of mesh.member the broker uses.
+type MemberRow struct {
+	ID            string
+	MeshID        string
+	UserID        *string
+	PeerPubkey    string
+	DisplayName   string
+	Role          string
+	RoleTag       *string
+	DefaultGroups models.JSON
+	MessageMode   *string
+	RevokedAt     *time.Time
+	PeerGrants    models.JSON
+}
+
+// MeshRow is the part of mesh.mesh the broker uses.
+type MeshRow struct {
+	ID           string
+	Name         string
+	Slug         string
+	OwnerUserID  *string
+	SelfEditable models.JSON
+}
+
+// Label is how a revocation message names the mesh: name, else slug, else id.
+func (m *MeshRow) Label() string {
+	switch {
+	case m.Name != "":
+		return m.Name
+	case m.Slug != "":
+		return m.Slug
+	}
+	return m.ID
+}
+
+// NewMemberDirectory makes a directory whose grant cache lives cacheTTL.
+func NewMemberDirectory(db *models.DB, now func() time.Time, cacheTTL time.Duration) *MemberDirectory {
+	return &MemberDirectory{db: db, now: now, cacheTTL: cacheTTL, grants: map[string]grantsEntry{}}
+}
+
+const memberColumns = "id, mesh_id, user_id, peer_pubkey, display_name, role, role_tag, default_groups, message_mode, revoked_at, peer_grants"
+
+// ByPubkey finds the member of meshID with peer_pubkey (exact, case
+// sensitive). active is the first non-revoked row; if there is none,
+// revoked is the first revoked one. Both nil: not a member.
+func (d *MemberDirectory) ByPubkey(ctx context.Context, meshID, pubkey string) (active, revoked *MemberRow, err error) {
+	var rows []MemberRow
+	err = d.db.WithContext(ctx).Raw("SELECT "+memberColumns+" FROM "+d.db.Table("member")+
+		" WHERE mesh_id = ? AND peer_pubkey = ? ORDER BY revoked_at IS NOT NULL LIMIT 2", meshID, pubkey).Scan(&rows).Error
+	if err != nil {
+		return nil, nil, fmt.Errorf("look up member %s: %w", shortKey(pubkey), err)
+	}
+	for i := range rows {
+		if rows[i].RevokedAt == nil {
+			return &rows[i], nil, nil
+		}
+	}
+	if len(rows) > 0 {
+		return nil, &rows[0], nil
+	}
+	return nil, nil, nil
+}
+
+// ByID returns a member row by id, or nil.
+func (d *MemberDirectory) ByID(ctx context.Context, id string) (*MemberRow, error) {
+	var rows []MemberRow
+	err := d.db.WithContext(ctx).Raw("SELECT "+memberColumns+" FROM "+d.db.Table("member")+" WHERE id = ? LIMIT 1", id).Scan(&rows).Error
+	if err != nil {
+		return nil, fmt.Errorf("look up member %s: %w", id, err)
+	}
+	if len(rows) == 0 {
+		return nil, nil
+	}
+	return &rows[0], nil
+}
+
+// Mesh returns the mesh row, or nil.
+func (d *MemberDirectory) Mesh(ctx context.Context, meshID string) (*MeshRow, error) {
+	var rows []MeshRow
+	err := d.db.WithContext(ctx).Raw("SELECT id, name, slug, owner_user_id, self_editable FROM "+d.db.Table("mesh")+" WHERE id = ? LIMIT 1", meshID).Scan(&rows).Error
+	if err != nil {
+		return nil, fmt.Errorf("look up mesh %s: %w", meshID, err)
+	}
+	if len(rows) == 0 {
+		return nil, nil
+	}
+	return &rows[0], nil
+}
+
+// IsModerator reports whether memberID may disconnect, kick, ban or unban in
+// meshID: the mesh owner (mesh.owner_user_id = member.user_id) or an admin.
+func (d *MemberDirectory) IsModerator(ctx context.Context, meshID, memberID string) (bool, error) {
+	mesh, err := d.Mesh(ctx, meshID)
+	if err != nil || mesh == nil {
+		return false, err
+	}
+	m, err := d.ByID(ctx, memberID)
+	if err != nil || m == nil {
+		return false, err
+	}
+	if m.Role == "admin" {
+		return true, nil
+	}
+	return mesh.OwnerUserID != nil && m.UserID != nil && *mesh.OwnerUserID == *m.UserID, nil
+}
+
+// Grants returns peer_grants of every member of the mesh, keyed by the
+// member's pubkey, from a cache at most cacheTTL old.
+func (d *MemberDirectory) Grants(ctx context.Context, meshID string) (map[string]map[string][]string, error) {
+	now := d.now()
+	d.mu.Lock()
+	e, ok := d.grants[meshID]
+	d.mu.Unlock()
+	if ok && now.Sub(e.loaded) < d.cacheTTL {
+		return e.byKey, nil
+	}
+	var rows []struct {
+		PeerPubkey string
+		PeerGrants models.JSON
+	}
+	err := d.db.WithContext(ctx).Raw("SELECT peer_pubkey, peer_grants FROM "+d.db.Table("member")+" WHERE mesh_id = ? AND revoked_at IS NULL", meshID).Scan(&rows).Error
+	if err != nil {
+		return nil, fmt.Errorf("load grants of mesh %s: %w", meshID, err)
+	}
+	byKey := make(map[string]map[string][]string, len(rows))
+	for _, r := range rows {
+		var g map[string][]string
+		if len(r.PeerGrants) > 0 && json.Unmarshal(r.PeerGrants, &g) == nil && len(g) > 0 {
+			byKey[r.PeerPubkey] = g
+		}
+	}
+	d.mu.Lock()
+	d.grants[meshID] = grantsEntry{loaded: now, byKey: byKey}
+	d.mu.Unlock()
+	return byKey, nil
+}
+
+// Invalidate drops the cached grants of a mesh (after ban/unban).
+func (d *MemberDirectory) Invalidate(meshID string) {
+	d.mu.Lock()
+	delete(d.grants, meshID)
+	d.mu.Unlock()
+}
+
+// Allows applies the fan-out grant test (02 §2.5): the recipient member's
+// grants map decides by the sender's member key, else by the sender's
+// session key, else the default (dm and broadcast allowed).
+func Allows(recipientGrants map[string][]string, senderMemberKey, senderSessionKey, capability string) bool {
+	caps, ok := recipientGrants[senderMemberKey]
+	if !ok && senderSessionKey != "" {
+		caps, ok = recipientGrants[senderSessionKey]
+	}
+	if !ok {
+		return capability == "dm" || capability == "broadcast" || capability == "read" || capability == "state-read"
+	}
+	for _, c := range caps {
+		if c == capability {
+			return true
+		}
+	}
+	return false
+}
+
+func shortKey(k string) string {
+	if len(k) > 8 {
+		return k[:8]
+	}
+	return k
+}
+
+var errNotFound = errors.New("not found")
+
+func isNotFound(err error) bool {
+	return errors.Is(err, gorm.ErrRecordNotFound) || errors.Is(err, errNotFound)
+}

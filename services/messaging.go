@@ -1,0 +1,772 @@
+package services
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"meshbroker/config"
+	"meshbroker/models"
+	"meshbroker/protocol"
+)
+
+// MessagingService accepts sends, routes them and delivers them exactly
+// once per connection (02).
+//
+// Delivery model. A direct message is one queue row. When a recipient
+// connection is online, allowed to take the priority now, and has no
+// backlog and no drain in flight, the row is inserted already claimed by
+// that connection and pushed straight after the commit: no claim query per
+// message. Otherwise the row is inserted unclaimed, the candidates are
+// marked as having a backlog, and their drains (single-flight, with a dirty
+// flag) claim it in FIFO order. A connection leaves backlog mode only after
+// a drain at a status that takes every priority found nothing more. Every
+// pushed, unacked row sits in its connection's inflight set until a
+// client_ack, until the socket closes (its claim is released, so the next
+// socket gets it: D2, M3), or until the claim lease runs out: a connection
+// that has ever acked gets it again (D4, at-least-once for the daemon, which
+// dedupes), one that never acked has it marked delivered (exactly once for
+// the SDK and load tools, M3).
+//
+// Concurrency: deliveries (presence id -> *delivery) is guarded by mu; each
+// delivery's fields by its own mu. Neither lock is held across I/O or while
+// calling another service, except that Offer (non-blocking) may run under a
+// delivery's mu to keep pushes in claim order. Sends from one socket are
+// processed in order by the edge (D8).
+type MessagingService struct {
+	cfg      config.Config
+	log      *slog.Logger
+	metrics  *Metrics
+	now      func() time.Time
+	presence *PresenceService
+	queue    *QueueService
+	status   *StatusService
+	members  *MemberDirectory
+	audit    Auditor
+	limiter  *TokenBuckets
+
+	mu         sync.Mutex
+	deliveries map[string]*delivery
+	accepting  map[string]*acceptWait // mesh|member|client id -> send in flight
+}
+
+type delivery struct {
+	conn *Conn // static
+
+	mu        sync.Mutex
+	draining  bool                 // a drain goroutine is running
+	dirty     bool                 // a trigger arrived while draining: run once more
+	backlog   bool                 // unclaimed rows for this connection may exist
+	everAcked bool                 // the client has sent at least one client_ack
+	inflight  map[string]time.Time // pushed, unacked row id -> claim expiry
+}
+
+type acceptWait struct {
+	done chan struct{}
+	ack  protocol.Ack
+}
+
+// NewMessagingService wires messaging; Attach connects it to presence.
+func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, now func() time.Time, presence *PresenceService,
+	queue *QueueService, status *StatusService, members *MemberDirectory, audit Auditor) *MessagingService {
+	m := &MessagingService{
+		cfg: cfg, log: log.With("svc", "messaging"), metrics: metrics, now: now, presence: presence, queue: queue,
+		status: status, members: members, audit: audit,
+		limiter:    NewTokenBuckets(cfg.SendRateBurst, cfg.SendRatePerMin, now),
+		deliveries: map[string]*delivery{}, accepting: map[string]*acceptWait{},
+	}
+	presence.OnAttach(m.attached)
+	presence.OnDetach(m.detached)
+	presence.OnEvict("messaging", func(c *Conn, _ EvictReason) { m.evicted(c) })
+	status.OnRelax(m.TriggerDrain)
+	return m
+}
+
+func (m *MessagingService) deliveryFor(c *Conn) *delivery {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d := m.deliveries[c.PresenceID]
+	if d == nil {
+		d = &delivery{conn: c, inflight: map[string]time.Time{}, backlog: true}
+		m.deliveries[c.PresenceID] = d
+	}
+	return d
+}
+
+func (m *MessagingService) lookup(presenceID string) *delivery {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.deliveries[presenceID]
+}
+
+// attached: hello or reattach. The ack is already on the socket (H5), so
+// the drain's pushes follow it (T1, T2).
+func (m *MessagingService) attached(c *Conn, _ bool) {
+	d := m.deliveryFor(c)
+	d.mu.Lock()
+	d.backlog = true
+	d.mu.Unlock()
+	m.trigger(d)
+}
+
+// detached: the socket closed and the lease is offline. Whatever was
+// pushed but not acked may not have arrived: release it for the next socket.
+func (m *MessagingService) detached(c *Conn) {
+	d := m.lookup(c.PresenceID)
+	if d == nil {
+		return
+	}
+	d.mu.Lock()
+	ids := make([]string, 0, len(d.inflight))
+	for id := range d.inflight {
+		ids = append(ids, id)
+	}
+	clear(d.inflight)
+	d.backlog = true
+	d.mu.Unlock()
+	m.release(ids)
+}
+
+func (m *MessagingService) evicted(c *Conn) {
+	m.mu.Lock()
+	d := m.deliveries[c.PresenceID]
+	delete(m.deliveries, c.PresenceID)
+	m.mu.Unlock()
+	if d == nil {
+		return
+	}
+	d.mu.Lock()
+	ids := make([]string, 0, len(d.inflight))
+	for id := range d.inflight {
+		ids = append(ids, id)
+	}
+	clear(d.inflight)
+	d.mu.Unlock()
+	m.release(ids)
+}
+
+func (m *MessagingService) release(ids []string) {
+	if len(ids) == 0 {
+		return
+	}
+	m.metrics.Redelivered.Add(float64(len(ids)))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := m.queue.Release(ctx, ids); err != nil {
+		m.log.Error("release claims", "rows", len(ids), "err", err)
+	}
+}
+
+// TriggerDrain drains a presence this process holds, if any (hook status,
+// status relaxation).
+func (m *MessagingService) TriggerDrain(presenceID string) {
+	if d := m.lookup(presenceID); d != nil {
+		d.mu.Lock()
+		d.backlog = true
+		d.mu.Unlock()
+		m.trigger(d)
+	}
+}
+
+// trigger starts a drain, or asks the running one to go round again.
+func (m *MessagingService) trigger(d *delivery) {
+	d.mu.Lock()
+	if d.draining {
+		d.dirty = true
+		d.mu.Unlock()
+		return
+	}
+	d.draining = true
+	d.mu.Unlock()
+	go m.drain(d)
+}
+
+// drain claims and pushes every eligible row for one connection, in FIFO
+// order, until nothing is left and no trigger arrived meanwhile.
+func (m *MessagingService) drain(d *delivery) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := d.conn
+	for {
+		view, ok := m.presence.View(c)
+		if !ok || view.Out == nil { // evicted or offline: never claim for a closed socket (D2)
+			d.mu.Lock()
+			d.draining, d.dirty = false, false
+			d.mu.Unlock()
+			return
+		}
+		st := m.status.Effective(ctx, c.PresenceID)
+		prios := []string{"now"}
+		if st == StatusIdle {
+			prios = []string{"now", "next", "low"}
+		}
+		rows, err := m.queue.Claim(ctx, ClaimRequest{
+			MeshID: c.MeshID, MemberID: c.MemberID, Targets: drainTargets(c, view.Groups), Priorities: prios,
+			Claimer: c.PresenceID, Limit: claimBatch,
+		})
+		if err != nil {
+			m.log.Error("drain", "presence_id", c.PresenceID, "err", err)
+			d.mu.Lock()
+			d.draining, d.dirty = false, false
+			d.mu.Unlock()
+			return
+		}
+		if len(rows) > 0 {
+			m.pushClaimed(ctx, d, view.Out, rows)
+		}
+		if len(rows) == claimBatch {
+			continue
+		}
+		d.mu.Lock()
+		if d.dirty {
+			d.dirty = false
+			d.mu.Unlock()
+			continue
+		}
+		d.draining = false
+		if st == StatusIdle {
+			d.backlog = false
+		}
+		d.mu.Unlock()
+		return
+	}
+}
+
+// drainTargets lists the target specs a connection's drain takes (02 §5.3):
+// its keys, `*`, `@all`, and `@` + every prefix of its groups.
+func drainTargets(c *Conn, groups []protocol.Group) []string {
+	t := []string{c.MemberPubkey, "*", "@all"}
+	if c.SessionPubkey != "" {
+		t = append(t, c.SessionPubkey)
+	}
+	for _, g := range groups {
+		name := g.Name
+		for {
+			t = append(t, "@"+name)
+			i := strings.LastIndexByte(name, '/')
+			if i < 0 {
+				break
+			}
+			name = name[:i]
+		}
+	}
+	return t
+}
+
+// pushClaimed writes claimed rows to a socket in order. A row this socket
+// already had (its claim ran out before the inflight sweep saw it) is not
+// pushed twice to a client that never acks: it is marked delivered.
+func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Outbox, rows []ClaimedRow) {
+	senderKeys := m.senderKeys(ctx, rows)
+	expiry := m.now().Add(m.cfg.ClaimLease)
+	var unsent []string
+	d.mu.Lock()
+	for i, r := range rows {
+		if _, had := d.inflight[r.ID]; had && !d.everAcked {
+			m.queue.MarkDeliveredAsync(r.ID)
+			delete(d.inflight, r.ID)
+			continue
+		}
+		push := protocol.Push{
+			Type: "push", MessageID: r.ID, MeshID: d.conn.MeshID, SenderPubkey: senderKeys[r.SenderMemberID], Priority: r.Priority,
+			Nonce: r.Nonce, Ciphertext: r.Ciphertext, CreatedAt: protocol.ISO(r.CreatedAt),
+		}
+		if r.SenderSessionPubkey != nil && *r.SenderSessionPubkey != "" {
+			push.SenderPubkey = *r.SenderSessionPubkey
+		}
+		if r.ClientMessageID != nil {
+			push.ClientMessageID = *r.ClientMessageID
+		}
+		if r.RequestFingerprint != nil {
+			push.RequestFingerprint = *r.RequestFingerprint
+		}
+		if !out.Offer(protocol.MustEncode(push)) {
+			for _, rest := range rows[i:] {
+				unsent = append(unsent, rest.ID)
+			}
+			d.backlog = true
+			break
+		}
+		d.inflight[r.ID] = expiry
+		m.metrics.MessagesRouted.WithLabelValues(r.Priority).Inc()
+	}
+	d.mu.Unlock()
+	m.release(unsent)
+}
+
+// senderKeys resolves member ids to member pubkeys for rows that carry no
+// sender session key.
+func (m *MessagingService) senderKeys(ctx context.Context, rows []ClaimedRow) map[string]string {
+	keys := map[string]string{}
+	for _, r := range rows {
+		if r.SenderSessionPubkey == nil || *r.SenderSessionPubkey == "" {
+			keys[r.SenderMemberID] = ""
+		}
+	}
+	for id := range keys {
+		if mem, err := m.members.ByID(ctx, id); err == nil && mem != nil {
+			keys[id] = mem.PeerPubkey
+		}
+	}
+	return keys
+}
+
+// SweepInflight resolves pushed rows whose claim ran out (D4): a client
+// that acks gets another drain (redelivery); one that never acked, with its
+// socket open all along, has the row marked delivered.
+func (m *MessagingService) SweepInflight(now time.Time) {
+	m.mu.Lock()
+	ds := make([]*delivery, 0, len(m.deliveries))
+	for _, d := range m.deliveries {
+		ds = append(ds, d)
+	}
+	m.mu.Unlock()
+	for _, d := range ds {
+		var redrain bool
+		d.mu.Lock()
+		for id, exp := range d.inflight {
+			if exp.After(now) {
+				continue
+			}
+			delete(d.inflight, id)
+			if d.everAcked {
+				redrain = true
+				m.metrics.Redelivered.Inc()
+			} else {
+				m.queue.MarkDeliveredAsync(id)
+			}
+		}
+		if redrain {
+			d.backlog = true
+		}
+		d.mu.Unlock()
+		if redrain {
+			m.trigger(d)
+		}
+	}
+}
+
+// ReapAndRedrain clears claims that ran out more than one reap interval ago
+// (ours were resolved by SweepInflight by then; these are a crashed
+// process's) and drains the local connections they target.
+func (m *MessagingService) ReapAndRedrain(ctx context.Context) error {
+	expired, err := m.queue.ReapExpired(ctx, m.now().Add(-m.cfg.ClaimReapInterval))
+	if err != nil {
+		return err
+	}
+	for _, e := range expired {
+		for _, v := range m.presence.ByKey(e.MeshID, e.TargetSpec, nil) {
+			m.TriggerDrain(v.Conn.PresenceID)
+		}
+	}
+	return nil
+}
+
+// ClientAck closes a pushed message (02 §7.1). It never replies.
+func (m *MessagingService) ClientAck(ctx context.Context, c *Conn, brokerID, clientID string) error {
+	if brokerID == "" && clientID == "" {
+		return nil
+	}
+	d := m.lookup(c.PresenceID)
+	if d != nil {
+		d.mu.Lock()
+		d.everAcked = true
+		_, mine := d.inflight[brokerID]
+		if mine {
+			delete(d.inflight, brokerID)
+		}
+		d.mu.Unlock()
+		if mine && (clientID == "" || clientID == brokerID) {
+			// Our own push to this connection: the target check already
+			// held when it was claimed, so a batched mark by id is enough.
+			m.queue.MarkDeliveredAsync(brokerID)
+			return nil
+		}
+	}
+	n, err := m.queue.AckByClient(ctx, c.MeshID, brokerID, clientID, c.MemberPubkey, c.SessionPubkey)
+	if err != nil {
+		return err
+	}
+	m.metrics.DeliveredOnce.Add(float64(n))
+	if clientID != "" && d != nil {
+		// A client id may close a row pushed under its broker id.
+		d.mu.Lock()
+		delete(d.inflight, clientID)
+		d.mu.Unlock()
+	}
+	return nil
+}
+
+// SendRequest is a validated send frame.
+type SendRequest struct {
+	ID                 string
+	TargetSpec         string
+	Priority           string // "" when absent: stored as the default "next"
+	Nonce              string
+	Ciphertext         string
+	ClientMessageID    string
+	RequestFingerprint string
+	ReplyToID          string
+	BodyVersion        int
+}
+
+// ParseSend validates a send frame (D7). A non-nil error's text follows
+// "invalid_argument: " in the rejection ack.
+func ParseSend(h protocol.Head, f *protocol.Send) (SendRequest, error) {
+	r := SendRequest{ID: h.ID}
+	var ok bool
+	if r.TargetSpec, ok = protocol.RawString(f.TargetSpec); !ok || r.TargetSpec == "" {
+		return r, fmt.Errorf("targetSpec must be a non-empty string")
+	}
+	if len(f.Priority) > 0 && string(f.Priority) != "null" {
+		if r.Priority, ok = protocol.RawString(f.Priority); !ok || (r.Priority != "now" && r.Priority != "next" && r.Priority != "low") {
+			return r, fmt.Errorf("priority must be one of now, next, low")
+		}
+	}
+	if r.Nonce, ok = protocol.RawString(f.Nonce); !ok {
+		return r, fmt.Errorf("nonce must be a string")
+	}
+	if r.Ciphertext, ok = protocol.RawString(f.Ciphertext); !ok {
+		return r, fmt.Errorf("ciphertext must be a string")
+	}
+	r.ClientMessageID, _ = protocol.RawString(f.ClientMessageID)
+	r.RequestFingerprint, _ = protocol.RawString(f.RequestFingerprint)
+	r.ReplyToID, _ = protocol.RawString(f.ReplyToID)
+	r.BodyVersion = 1
+	if v, ok := protocol.RawNumber(f.BodyVersion); ok && v >= 1 && v == float64(int(v)) {
+		r.BodyVersion = int(v)
+	}
+	return r, nil
+}
+
+// Rejection texts of 02 §1.4, byte for byte.
+const (
+	errRateLimit   = "rate_limit: max 60 msg/min (burst 10) — slow down"
+	errNoPeer      = "no connected peer for target (not online, or targetSpec is your own key without another session)"
+	errNoPeerAmbig = "no connected peer for target (ambiguous display name)"
+	errGrants      = "blocked by recipient grants (sender lacks dm capability)"
+)
+
+func rejectAck(id, msg string) protocol.Ack {
+	return protocol.Ack{Type: "ack", ID: id, MessageID: "", Queued: false, Error: msg}
+}
+
+// Send accepts one send (02 §1.2). reply is called with the ack after the
+// row is committed and before any push the send causes; a rejection is
+// also delivered through reply. The returned error is internal only.
+func (m *MessagingService) Send(ctx context.Context, sender *Conn, req SendRequest, reply func(protocol.Ack)) error {
+	started := m.now()
+	key := ""
+	if req.ClientMessageID != "" {
+		key = sender.MeshID + "|" + sender.MemberID + "|" + req.ClientMessageID
+		ack, done, err := m.idempotent(ctx, sender, key, req)
+		if err != nil {
+			return err
+		}
+		if done {
+			reply(ack)
+			return nil
+		}
+		defer m.finishAccept(key)
+	}
+	if !m.limiter.Take(sender.MemberID) {
+		m.metrics.MessagesRejected.WithLabelValues("rate_limit").Inc()
+		m.setAccepted(key, rejectAck(req.ID, errRateLimit))
+		reply(rejectAck(req.ID, errRateLimit))
+		return nil
+	}
+	approx := utf8.RuneCountInString(req.Ciphertext) + utf8.RuneCountInString(req.Nonce) + utf8.RuneCountInString(req.TargetSpec)
+	if approx > m.cfg.MaxMessageBytes {
+		m.metrics.MessagesRejected.WithLabelValues("too_large").Inc()
+		reply(rejectAck(req.ID, fmt.Sprintf("payload too large: %d bytes > MAX_MESSAGE_BYTES=%d", approx, m.cfg.MaxMessageBytes)))
+		return nil
+	}
+	priority := req.Priority
+	if priority == "" {
+		priority = "next"
+	}
+	now := m.now()
+	row := &QueueRow{
+		ID: models.NewID(), MeshID: sender.MeshID, SenderMemberID: sender.MemberID, SenderSessionPubkey: sender.SenderSessionPubkey(),
+		TargetSpec: req.TargetSpec, Priority: priority, Nonce: req.Nonce, Ciphertext: req.Ciphertext, CreatedAt: now,
+	}
+	if req.ClientMessageID != "" {
+		row.ClientMessageID = &req.ClientMessageID
+	}
+	if req.RequestFingerprint != "" {
+		row.RequestFingerprint = &req.RequestFingerprint
+	}
+	var err error
+	switch t := req.TargetSpec; {
+	case t == "*" || t == "@all":
+		err = m.sendMulticast(ctx, sender, req, row, "broadcast", reply)
+	case strings.HasPrefix(t, "@"):
+		err = m.sendMulticast(ctx, sender, req, row, "group", reply)
+	case strings.HasPrefix(t, "#"):
+		err = m.sendTopic(ctx, sender, req, row, reply)
+	default:
+		err = m.sendDirect(ctx, sender, req, row, reply)
+	}
+	m.metrics.AcceptLatency.Observe(m.now().Sub(started).Seconds())
+	return err
+}
+
+// accepted records the ack a send with a client id got, for retries.
+func (m *MessagingService) setAccepted(key string, ack protocol.Ack) {
+	if key == "" {
+		return
+	}
+	m.mu.Lock()
+	if w := m.accepting[key]; w != nil {
+		w.ack = ack
+	}
+	m.mu.Unlock()
+}
+
+func (m *MessagingService) finishAccept(key string) {
+	m.mu.Lock()
+	w := m.accepting[key]
+	delete(m.accepting, key)
+	m.mu.Unlock()
+	if w != nil {
+		close(w.done)
+	}
+}
+
+// idempotent implements D10: a retried client_message_id gets the original
+// ack; a reused one with another fingerprint is refused. A retry racing the
+// original waits for it. done reports that ack is the answer.
+func (m *MessagingService) idempotent(ctx context.Context, sender *Conn, key string, req SendRequest) (protocol.Ack, bool, error) {
+	for {
+		m.mu.Lock()
+		w := m.accepting[key]
+		if w == nil {
+			m.accepting[key] = &acceptWait{done: make(chan struct{})}
+			m.mu.Unlock()
+			break
+		}
+		m.mu.Unlock()
+		select {
+		case <-w.done:
+		case <-ctx.Done():
+			return protocol.Ack{}, false, ctx.Err()
+		}
+	}
+	row, err := m.queue.ByClientID(ctx, sender.MeshID, sender.MemberID, req.ClientMessageID)
+	if err != nil {
+		m.finishAccept(key)
+		return protocol.Ack{}, false, err
+	}
+	if row == nil {
+		return protocol.Ack{}, false, nil
+	}
+	m.finishAccept(key)
+	if row.RequestFingerprint != nil && req.RequestFingerprint != "" && *row.RequestFingerprint != req.RequestFingerprint {
+		return rejectAck(req.ID, "invalid: client_message_id reused with a different request_fingerprint"), true, nil
+	}
+	return protocol.Ack{Type: "ack", ID: req.ID, MessageID: row.ID, Queued: true}, true, nil
+}
+
+// store commits the row, audits it and acks it.
+func (m *MessagingService) store(ctx context.Context, sender *Conn, req SendRequest, row *QueueRow, reply func(protocol.Ack)) error {
+	if err := m.queue.Insert(ctx, row); err != nil {
+		return fmt.Errorf("accept send from %s: %w", protocol.Short(sender.RoutingPubkey()), err)
+	}
+	m.audit.Record(sender.MeshID, "message_sent", sender.MemberID, m.presence.DisplayName(sender), map[string]any{"targetSpec": row.TargetSpec, "priority": row.Priority})
+	reply(protocol.Ack{Type: "ack", ID: req.ID, MessageID: row.ID, Queued: true})
+	return nil
+}
+
+// sendDirect routes a DM to a member or session key (02 §2.1).
+func (m *MessagingService) sendDirect(ctx context.Context, sender *Conn, req SendRequest, row *QueueRow, reply func(protocol.Ack)) error {
+	cands := m.directCandidates(sender, row.TargetSpec)
+	if len(cands) == 0 && !protocol.IsHex(row.TargetSpec, 64) {
+		resolved, ambiguous := m.resolveName(sender, row.TargetSpec)
+		if ambiguous {
+			m.metrics.MessagesRejected.WithLabelValues("no_recipient").Inc()
+			reply(rejectAck(req.ID, errNoPeerAmbig))
+			return nil
+		}
+		if resolved != "" {
+			row.TargetSpec = resolved
+			cands = m.directCandidates(sender, resolved)
+		}
+	}
+	if len(cands) == 0 {
+		m.metrics.MessagesRejected.WithLabelValues("no_recipient").Inc()
+		reply(rejectAck(req.ID, errNoPeer))
+		return nil
+	}
+	grants, err := m.members.Grants(ctx, sender.MeshID)
+	if err != nil {
+		return err
+	}
+	allowed := cands[:0:0]
+	for _, v := range cands {
+		if Allows(grants[v.Conn.MemberPubkey], sender.MemberPubkey, sender.SessionPubkey, "dm") {
+			allowed = append(allowed, v)
+		} else {
+			m.metrics.MessagesDroppedGrant.WithLabelValues("dm").Inc()
+		}
+	}
+	if len(allowed) == 0 {
+		reply(rejectAck(req.ID, errGrants))
+		return nil
+	}
+	// Pick a connection that can take it now, or leave it to the drains.
+	var claimer *delivery
+	var claimOut Outbox
+	for _, v := range allowed {
+		if v.Out == nil {
+			continue
+		}
+		d := m.deliveryFor(v.Conn)
+		d.mu.Lock()
+		free := !d.draining && !d.backlog
+		d.mu.Unlock()
+		if !free {
+			continue
+		}
+		if st := m.status.Effective(ctx, v.Conn.PresenceID); st != StatusIdle && row.Priority != "now" {
+			continue
+		}
+		claimer, claimOut = d, v.Out
+		break
+	}
+	if claimer != nil {
+		at := row.CreatedAt.UTC()
+		exp := at.Add(m.cfg.ClaimLease)
+		pid := claimer.conn.PresenceID
+		row.ClaimedAt, row.ClaimID, row.ClaimExpiresAt = &at, &pid, &exp
+	}
+	if err := m.store(ctx, sender, req, row, reply); err != nil {
+		return err
+	}
+	if claimer != nil {
+		m.pushClaimed(ctx, claimer, claimOut, []ClaimedRow{{
+			ID: row.ID, SenderMemberID: row.SenderMemberID, SenderSessionPubkey: row.SenderSessionPubkey, TargetSpec: row.TargetSpec,
+			Priority: row.Priority, Nonce: row.Nonce, Ciphertext: row.Ciphertext, CreatedAt: row.CreatedAt,
+			ClientMessageID: row.ClientMessageID, RequestFingerprint: row.RequestFingerprint,
+		}})
+		return nil
+	}
+	for _, v := range allowed {
+		d := m.deliveryFor(v.Conn)
+		d.mu.Lock()
+		d.backlog = true
+		d.mu.Unlock()
+		if v.Out != nil {
+			m.trigger(d)
+		}
+	}
+	return nil
+}
+
+// directCandidates are the registry entries (online or in grace) of the
+// sender's mesh holding the target as member or session key, the sender's
+// own connection excluded.
+func (m *MessagingService) directCandidates(sender *Conn, target string) []PeerView {
+	views := m.presence.ByKey(sender.MeshID, target, nil)
+	out := views[:0]
+	for _, v := range views {
+		if v.Conn != sender {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// resolveName maps a display name to a routing key (02 §2.1 [EXT]):
+// case-insensitive over online, visible connections, first connected wins;
+// matches of two members are ambiguous.
+func (m *MessagingService) resolveName(sender *Conn, name string) (key string, ambiguous bool) {
+	var first *PeerView
+	members := map[string]bool{}
+	for _, v := range m.presence.Peers(sender.MeshID, nil) {
+		if v.Conn == sender || v.Out == nil || !v.Visible || !strings.EqualFold(v.DisplayName, name) {
+			continue
+		}
+		members[v.Conn.MemberID] = true
+		if first == nil {
+			vv := v
+			first = &vv
+		}
+	}
+	if len(members) > 1 {
+		return "", true
+	}
+	if first == nil {
+		return "", false
+	}
+	return first.Conn.RoutingPubkey(), false
+}
+
+// sendMulticast handles `*`, `@all` and `@group` (02 §2.2, §2.3): the row
+// is stored already delivered (D3), then pushed live once to each eligible
+// connection.
+func (m *MessagingService) sendMulticast(ctx context.Context, sender *Conn, req SendRequest, row *QueueRow, kind string, reply func(protocol.Ack)) error {
+	delivered := row.CreatedAt
+	row.DeliveredAt = &delivered
+	if err := m.store(ctx, sender, req, row, reply); err != nil {
+		return err
+	}
+	grants, err := m.members.Grants(ctx, sender.MeshID)
+	if err != nil {
+		return err
+	}
+	group := ""
+	if kind == "group" && row.TargetSpec != "@all" {
+		group = strings.TrimPrefix(row.TargetSpec, "@")
+	}
+	f := m.multicastFrame(sender, req, row, "")
+	for _, v := range m.presence.Peers(sender.MeshID, nil) {
+		if v.Out == nil || v.Conn.MemberPubkey == sender.MemberPubkey || !v.Visible {
+			continue
+		}
+		if group != "" && !hasGroup(v.Groups, group) {
+			continue
+		}
+		if row.TargetSpec == "@" {
+			continue // `@` alone is an empty group name: stored, never delivered
+		}
+		if !Allows(grants[v.Conn.MemberPubkey], sender.MemberPubkey, sender.SessionPubkey, "broadcast") {
+			m.metrics.MessagesDroppedGrant.WithLabelValues("broadcast").Inc()
+			continue
+		}
+		if v.Out.Offer(f) {
+			m.metrics.MessagesRouted.WithLabelValues(row.Priority).Inc()
+		}
+	}
+	return nil
+}
+
+func hasGroup(groups []protocol.Group, name string) bool {
+	for _, g := range groups {
+		if g.Name == name {
+			return true
+		}
+	}
+	return false
+}
+
+func (m *MessagingService) multicastFrame(sender *Conn, req SendRequest, row *QueueRow, topic string) protocol.Frame {
+	return protocol.MustEncode(protocol.MulticastPush{
+		Type: "push", MessageID: row.ID, MeshID: sender.MeshID, SenderPubkey: senderKey(sender), SenderMemberPubkey: sender.MemberPubkey,
+		SenderMemberID: sender.MemberID, SenderName: m.presence.DisplayName(sender), Priority: row.Priority, Nonce: row.Nonce,
+		Ciphertext: row.Ciphertext, CreatedAt: protocol.ISO(m.now()), Topic: topic, ReplyToID: req.ReplyToID,
+	})
+}
+
+func senderKey(c *Conn) string {
+	if c.SessionPubkey != "" {
+		return c.SessionPubkey
+	}
+	return c.MemberPubkey
+}
+
+// GCBuckets drops idle send rate-limit buckets.
+func (m *MessagingService) GCBuckets() { m.limiter.GC(m.cfg.RateLimitIdle) }

@@ -1,0 +1,85 @@
+package services
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics holds every collector the broker exports. The reference names and
+// labels (03 §8.5) come first; meshbroker's own follow. One registry per
+// broker, never the global default, so tests can run brokers side by side.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	ConnectionsTotal     prometheus.Counter
+	ConnectionsRejected  *prometheus.CounterVec // reason
+	ConnectionsActive    prometheus.Gauge
+	MessagesRouted       *prometheus.CounterVec // priority
+	MessagesRejected     *prometheus.CounterVec // reason
+	MessagesDroppedGrant *prometheus.CounterVec // cap
+	LegacyAuthHits       prometheus.Counter
+	QueueDepth           prometheus.Gauge
+	TTLSweeps            *prometheus.CounterVec // flipped
+	HookRequests         prometheus.Counter
+	HookRateLimited      prometheus.Counter
+	DBHealthy            prometheus.Gauge
+
+	OfflineLeases   prometheus.Gauge
+	Reattaches      prometheus.Counter
+	Evictions       *prometheus.CounterVec // reason: lease_expired, dedup, kick, disconnect, ban, shutdown
+	ClaimAge        prometheus.Histogram
+	QueueBatchSize  prometheus.Histogram
+	SlowConsumers   prometheus.Counter
+	AuditPending    prometheus.Gauge
+	AuditFailed     prometheus.Counter
+	AuditWritten    prometheus.Counter
+	DeliveredOnce   prometheus.Counter
+	Redelivered     prometheus.Counter
+	AcceptLatency   prometheus.Histogram
+	ReattachLatency prometheus.Histogram
+}
+
+// NewMetrics registers every collector on a fresh registry, including the
+// Go runtime and process collectors.
+func NewMetrics() *Metrics {
+	r := prometheus.NewRegistry()
+	m := &Metrics{Registry: r}
+	f := func(c prometheus.Collector) { r.MustRegister(c) }
+	m.ConnectionsTotal = prometheus.NewCounter(prometheus.CounterOpts{Name: "broker_connections_total", Help: "WebSocket upgrades accepted"})
+	m.ConnectionsRejected = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "broker_connections_rejected_total", Help: "Hellos rejected, by reason"}, []string{"reason"})
+	m.ConnectionsActive = prometheus.NewGauge(prometheus.GaugeOpts{Name: "broker_connections_active", Help: "Registry entries (online and offline leases)"})
+	m.MessagesRouted = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "broker_messages_routed_total", Help: "Pushes written to recipients, by priority"}, []string{"priority"})
+	m.MessagesRejected = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "broker_messages_rejected_total", Help: "Sends or frames rejected, by reason"}, []string{"reason"})
+	m.MessagesDroppedGrant = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "broker_messages_dropped_by_grant_total", Help: "Recipients skipped by peer grants, by capability"}, []string{"cap"})
+	m.LegacyAuthHits = prometheus.NewCounter(prometheus.CounterOpts{Name: "broker_legacy_auth_hits_total", Help: "Legacy body user_id authentications (not supported by meshbroker; always 0)"})
+	m.QueueDepth = prometheus.NewGauge(prometheus.GaugeOpts{Name: "broker_queue_depth", Help: "Undelivered message_queue rows"})
+	m.TTLSweeps = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "broker_ttl_sweeps_total", Help: "Working-to-idle TTL sweeps, by number flipped"}, []string{"flipped"})
+	m.HookRequests = prometheus.NewCounter(prometheus.CounterOpts{Name: "broker_hook_requests_total", Help: "POST /hook/set-status requests"})
+	m.HookRateLimited = prometheus.NewCounter(prometheus.CounterOpts{Name: "broker_hook_requests_rate_limited_total", Help: "Hook requests answered 429"})
+	m.DBHealthy = prometheus.NewGauge(prometheus.GaugeOpts{Name: "broker_db_healthy", Help: "1 when the last database ping succeeded"})
+
+	m.OfflineLeases = prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshbroker_offline_leases", Help: "Presences in their grace window"})
+	m.Reattaches = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_reattaches_total", Help: "Silent reattaches inside the lease"})
+	m.Evictions = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshbroker_evictions_total", Help: "Presences removed, by reason"}, []string{"reason"})
+	m.ClaimAge = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_queue_claim_age_seconds", Help: "Age of a queue row when it was claimed for a push", Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10)})
+	m.QueueBatchSize = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_queue_insert_batch_rows", Help: "Rows per group-commit insert", Buckets: prometheus.ExponentialBuckets(1, 2, 10)})
+	m.SlowConsumers = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_slow_consumer_closes_total", Help: "Sockets closed because their outbound queue overflowed"})
+	m.AuditPending = prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshbroker_audit_pending", Help: "Audit entries waiting to be written"})
+	m.AuditFailed = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_audit_failed_total", Help: "Audit entries that could not be written"})
+	m.AuditWritten = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_audit_written_total", Help: "Audit entries appended to the chain"})
+	m.DeliveredOnce = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_queue_delivered_total", Help: "Queue rows marked delivered (client_ack or lease expiry for non-acking clients)"})
+	m.Redelivered = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_queue_redelivered_total", Help: "Queue rows released for another push (acking client lost its socket or let the claim expire)"})
+	m.AcceptLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_send_accept_seconds", Help: "send frame to committed row", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})
+	m.ReattachLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_reattach_seconds", Help: "hello received to hello_ack queued, for silent reattaches", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})
+
+	for _, c := range []prometheus.Collector{
+		m.ConnectionsTotal, m.ConnectionsRejected, m.ConnectionsActive, m.MessagesRouted, m.MessagesRejected,
+		m.MessagesDroppedGrant, m.LegacyAuthHits, m.QueueDepth, m.TTLSweeps, m.HookRequests, m.HookRateLimited,
+		m.DBHealthy, m.OfflineLeases, m.Reattaches, m.Evictions, m.ClaimAge, m.QueueBatchSize, m.SlowConsumers,
+		m.AuditPending, m.AuditFailed, m.AuditWritten, m.DeliveredOnce, m.Redelivered, m.AcceptLatency, m.ReattachLatency,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	} {
+		f(c)
+	}
+	return m
+}

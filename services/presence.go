@@ -1,0 +1,543 @@
+package services
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"meshbroker/config"
+	"meshbroker/models"
+	"meshbroker/protocol"
+)
+
+// PresenceService tracks who is connected and holds each presence as an
+// offline lease for cfg.LeaseTTL after its socket drops (01 §1, §6, §7).
+//
+// Concurrency: the registry (conns, byMesh, byKey, counts) and every field
+// of a Conn marked "guarded by mu" are guarded by mu. No method holds mu
+// across I/O (database, audit, another service): copy under the lock,
+// unlock, then act. Offering a frame to an Outbox never blocks, so it may
+// happen under mu; that is how hello_ack is guaranteed to be the first frame
+// a new socket receives (H5): the socket becomes routable and gets its ack
+// in one critical section. A lease timer calls expire with the generation it
+// was armed with; expire re-checks it under mu, so a reattach that wins the
+// race turns a late timer into a no-op, and eviction runs exactly once
+// because only the caller that removes the entry from conns runs it.
+//
+// Hooks (attach, detach, evict) are registered during wiring, before the
+// first socket, and are read-only afterwards.
+type PresenceService struct {
+	cfg     config.Config
+	db      *models.DB
+	log     *slog.Logger
+	metrics *Metrics
+	members *MemberDirectory
+	status  *StatusService
+	audit   Auditor
+	now     func() time.Time
+
+	onAttach []func(c *Conn, fresh bool)
+	onDetach []func(c *Conn)
+	onEvict  []evictHook
+
+	mu       sync.RWMutex
+	conns    map[string]*Conn            // presenceID -> entry
+	byMesh   map[string]map[string]*Conn // meshID -> presenceID -> entry
+	byKey    map[string][]*Conn          // meshID|pubkey (member and session keys) -> entries
+	nextSeq  uint64                      // insertion order, for first-match scans
+	offline  int                         // entries in grace, for the gauge
+	pongs    map[string]struct{}         // presence ids whose last_ping_at needs a bump
+	shutdown bool                        // set by Shutdown: no new registrations
+}
+
+// Auditor is the part of the audit service presence and messaging use.
+type Auditor interface {
+	Record(meshID, eventType, actorMemberID, actorName string, payload map[string]any)
+}
+
+// EvictReason says which removal path ran evictPresenceFully.
+type EvictReason string
+
+const (
+	EvictLeaseExpired EvictReason = "lease_expired"
+	EvictDedup        EvictReason = "dedup"
+	EvictKick         EvictReason = "kick"
+	EvictDisconnect   EvictReason = "disconnect"
+	EvictBan          EvictReason = "ban"
+	EvictDefensive    EvictReason = "defensive"
+)
+
+type evictHook struct {
+	name string
+	fn   func(c *Conn, reason EvictReason)
+}
+
+// PeerRole is the presence row's role column.
+type PeerRole string
+
+const (
+	RoleControlPlane PeerRole = "control-plane"
+	RoleSession      PeerRole = "session"
+)
+
+// Conn is one presence: a session's place in the registry, which outlives
+// its sockets while the lease holds (the reference's "Conn").
+type Conn struct {
+	// Static after registration.
+	PresenceID    string
+	MeshID        string
+	MemberID      string
+	MemberPubkey  string
+	SessionPubkey string // "" when the hello had none (HasSession false) or sent ""
+	HasSession    bool   // a sessionPubkey key was present in the hello (even "")
+	Role          PeerRole
+	ConnectedAt   time.Time
+	seq           uint64
+
+	// Guarded by PresenceService.mu.
+	sessionID   string
+	hasSID      bool
+	displayName string
+	pid         int
+	cwd         string
+	hostname    string
+	peerType    string
+	channel     string
+	model       string
+	groups      []protocol.Group // replaced, never mutated in place: readers may keep the slice
+	visible     bool
+	profile     map[string]json.RawMessage
+	stats       json.RawMessage // nil until set_stats
+	out         Outbox          // current socket; nil while offline
+	online      bool
+	leaseUntil  time.Time
+	leaseGen    uint64
+	leaseTimer  *time.Timer
+	lastPongAt  time.Time
+}
+
+// RoutingPubkey is the key peers address this presence by: the session key
+// when the hello carried one (even "", as the reference's `??` does), else
+// the member key.
+func (c *Conn) RoutingPubkey() string {
+	if c.HasSession {
+		return c.SessionPubkey
+	}
+	return c.MemberPubkey
+}
+
+// SenderSessionPubkey is what message_queue.sender_session_pubkey gets.
+func (c *Conn) SenderSessionPubkey() *string {
+	if c.SessionPubkey == "" {
+		return nil
+	}
+	s := c.SessionPubkey
+	return &s
+}
+
+// Outbox delivers frames to one live socket. Offer never blocks; false means
+// the socket is gone or full, and the caller falls back to the durable queue.
+// Close sends a close frame after the frames already offered; Terminate drops
+// the connection without one (the peer sees 1006).
+type Outbox interface {
+	Offer(f protocol.Frame) bool
+	Close(c protocol.Close)
+	Terminate()
+}
+
+// PeerView is a copy of a presence's routing-relevant state, taken under
+// the lock so callers can route without holding it.
+type PeerView struct {
+	Conn        *Conn
+	Out         Outbox // nil while offline
+	DisplayName string
+	Groups      []protocol.Group
+	Visible     bool
+}
+
+// NewPresenceService wires the registry to its collaborators.
+func NewPresenceService(cfg config.Config, db *models.DB, log *slog.Logger, metrics *Metrics, members *MemberDirectory, status *StatusService, audit Auditor, now func() time.Time) *PresenceService {
+	return &PresenceService{
+		cfg: cfg, db: db, log: log.With("svc", "presence"), metrics: metrics, members: members,
+		status: status, audit: audit, now: now,
+		conns: map[string]*Conn{}, byMesh: map[string]map[string]*Conn{}, byKey: map[string][]*Conn{},
+		pongs: map[string]struct{}{},
+	}
+}
+
+// OnAttach registers fn to run after a presence gets a socket: fresh is true
+// for a new presence, false for a silent reattach. It runs after hello_ack
+// was offered. Call during wiring only.
+func (p *PresenceService) OnAttach(fn func(c *Conn, fresh bool)) { p.onAttach = append(p.onAttach, fn) }
+
+// OnDetach registers fn to run when a presence's socket closes and it enters
+// its grace window. Call during wiring only.
+func (p *PresenceService) OnDetach(fn func(c *Conn)) { p.onDetach = append(p.onDetach, fn) }
+
+// OnEvict registers a cleanup that runs exactly once per presence, on every
+// removal path (lease expiry, dedup, kick, disconnect, ban), and never on a
+// close that enters grace (R1). Call during wiring only.
+func (p *PresenceService) OnEvict(name string, fn func(c *Conn, reason EvictReason)) {
+	p.onEvict = append(p.onEvict, evictHook{name, fn})
+}
+
+func keyOf(meshID, pubkey string) string { return meshID + "|" + pubkey }
+
+// addLocked puts c into every index. mu must be held.
+func (p *PresenceService) addLocked(c *Conn) {
+	p.nextSeq++
+	c.seq = p.nextSeq
+	p.conns[c.PresenceID] = c
+	m := p.byMesh[c.MeshID]
+	if m == nil {
+		m = map[string]*Conn{}
+		p.byMesh[c.MeshID] = m
+	}
+	m[c.PresenceID] = c
+	p.byKey[keyOf(c.MeshID, c.MemberPubkey)] = append(p.byKey[keyOf(c.MeshID, c.MemberPubkey)], c)
+	if c.SessionPubkey != "" && c.SessionPubkey != c.MemberPubkey {
+		p.byKey[keyOf(c.MeshID, c.SessionPubkey)] = append(p.byKey[keyOf(c.MeshID, c.SessionPubkey)], c)
+	}
+	p.metrics.ConnectionsActive.Set(float64(len(p.conns)))
+}
+
+// removeLocked takes c out of every index and reports whether it was there.
+// Only the caller that gets true may run the eviction that follows.
+func (p *PresenceService) removeLocked(c *Conn) bool {
+	if p.conns[c.PresenceID] != c {
+		return false
+	}
+	delete(p.conns, c.PresenceID)
+	if m := p.byMesh[c.MeshID]; m != nil {
+		delete(m, c.PresenceID)
+		if len(m) == 0 {
+			delete(p.byMesh, c.MeshID)
+		}
+	}
+	for _, k := range []string{c.MemberPubkey, c.SessionPubkey} {
+		if k == "" {
+			continue
+		}
+		key := keyOf(c.MeshID, k)
+		list := p.byKey[key]
+		for i, e := range list {
+			if e == c {
+				list = append(list[:i:i], list[i+1:]...)
+				break
+			}
+		}
+		if len(list) == 0 {
+			delete(p.byKey, key)
+		} else {
+			p.byKey[key] = list
+		}
+	}
+	if c.leaseTimer != nil {
+		c.leaseTimer.Stop()
+		c.leaseTimer = nil
+	}
+	if !c.online {
+		p.offline--
+	}
+	c.leaseGen++
+	p.metrics.ConnectionsActive.Set(float64(len(p.conns)))
+	p.metrics.OfflineLeases.Set(float64(p.offline))
+	return true
+}
+
+// MeshCount is the number of registry entries (online and in grace) of a mesh.
+func (p *PresenceService) MeshCount(meshID string) int {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return len(p.byMesh[meshID])
+}
+
+// Get returns the entry for a presence id, or nil.
+func (p *PresenceService) Get(presenceID string) *Conn {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.conns[presenceID]
+}
+
+// View copies c's routing state; ok is false when c is no longer registered.
+func (p *PresenceService) View(c *Conn) (PeerView, bool) {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.conns[c.PresenceID] != c {
+		return PeerView{}, false
+	}
+	return p.viewLocked(c), true
+}
+
+func (p *PresenceService) viewLocked(c *Conn) PeerView {
+	v := PeerView{Conn: c, DisplayName: c.displayName, Groups: c.groups, Visible: c.visible}
+	if c.online {
+		v.Out = c.out
+	}
+	return v
+}
+
+// Peers appends a view of every entry of the mesh, in insertion order, to buf.
+func (p *PresenceService) Peers(meshID string, buf []PeerView) []PeerView {
+	p.mu.RLock()
+	for _, c := range p.byMesh[meshID] {
+		buf = append(buf, p.viewLocked(c))
+	}
+	p.mu.RUnlock()
+	sortViews(buf)
+	return buf
+}
+
+// ByKey appends a view of every entry of the mesh whose member or session
+// key is pubkey.
+func (p *PresenceService) ByKey(meshID, pubkey string, buf []PeerView) []PeerView {
+	p.mu.RLock()
+	for _, c := range p.byKey[keyOf(meshID, pubkey)] {
+		buf = append(buf, p.viewLocked(c))
+	}
+	p.mu.RUnlock()
+	return buf
+}
+
+func sortViews(v []PeerView) {
+	// Insertion sort: meshes are small (capacity 100 by default) and the
+	// input comes from a map.
+	for i := 1; i < len(v); i++ {
+		for j := i; j > 0 && v[j].Conn.seq < v[j-1].Conn.seq; j-- {
+			v[j], v[j-1] = v[j-1], v[j]
+		}
+	}
+}
+
+// Online reports whether c currently has a socket.
+func (p *PresenceService) Online(c *Conn) bool {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return c.online && p.conns[c.PresenceID] == c
+}
+
+// Outbox returns c's socket, or nil while it is offline or gone.
+func (p *PresenceService) Outbox(c *Conn) Outbox {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if !c.online || p.conns[c.PresenceID] != c {
+		return nil
+	}
+	return c.out
+}
+
+// Broadcast offers f to every online entry of the mesh for which keep
+// returns true. keep runs under the read lock and must not call back into
+// the presence service.
+func (p *PresenceService) Broadcast(meshID string, f protocol.Frame, keep func(v PeerView) bool) {
+	views := p.Peers(meshID, nil)
+	for _, v := range views {
+		if v.Out != nil && (keep == nil || keep(v)) {
+			v.Out.Offer(f)
+		}
+	}
+}
+
+// Closed is the socket close handler (01 §7.2): the presence enters its
+// grace window unless the socket was already replaced or the entry is gone.
+// No database presence write and no broadcast happen here.
+func (p *PresenceService) Closed(c *Conn, out Outbox) {
+	if c == nil {
+		return
+	}
+	p.mu.Lock()
+	if p.shutdown || p.conns[c.PresenceID] != c || c.out != out {
+		p.mu.Unlock() // stopping, replaced by a reattach, or already evicted: nothing to do
+		return
+	}
+	if !c.online { // cannot happen: a closed socket is only closed once
+		p.mu.Unlock()
+		p.evict(c, EvictDefensive, true)
+		return
+	}
+	c.online = false
+	c.out = nil
+	c.leaseUntil = p.now().Add(p.cfg.LeaseTTL)
+	c.leaseGen++
+	gen := c.leaseGen
+	c.leaseTimer = time.AfterFunc(p.cfg.LeaseTTL, func() { p.expire(c, gen) })
+	p.offline++
+	p.metrics.OfflineLeases.Set(float64(p.offline))
+	snap := p.peerStateLocked(c)
+	p.mu.Unlock()
+
+	p.log.Info("ws grace start", "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()), "lease_ms", p.cfg.LeaseTTL.Milliseconds())
+	for _, fn := range p.onDetach {
+		fn(c)
+	}
+	go p.savePeerState(snap)
+}
+
+// expire is the lease timer: it evicts unless a reattach moved the
+// generation on.
+func (p *PresenceService) expire(c *Conn, gen uint64) {
+	p.mu.RLock()
+	current := p.conns[c.PresenceID] == c && c.leaseGen == gen && !c.online
+	p.mu.RUnlock()
+	if current {
+		p.evictIf(c, gen)
+	}
+}
+
+// evictIf evicts c only if its lease generation is still gen, checked in
+// the same critical section that removes it.
+func (p *PresenceService) evictIf(c *Conn, gen uint64) {
+	p.mu.Lock()
+	if c.leaseGen != gen || c.online || !p.removeLocked(c) {
+		p.mu.Unlock()
+		return
+	}
+	p.mu.Unlock()
+	p.afterRemoval(c, EvictLeaseExpired, true)
+}
+
+// Evict removes c through the one eviction path (R1). announce sends
+// peer_left and writes the audit row (lease expiry); the moderation and
+// dedup paths pass false, as the reference sends no leave for them. It
+// reports whether this call did the eviction.
+func (p *PresenceService) evict(c *Conn, reason EvictReason, announce bool) bool {
+	p.mu.Lock()
+	removed := p.removeLocked(c)
+	p.mu.Unlock()
+	if removed {
+		p.afterRemoval(c, reason, announce)
+	}
+	return removed
+}
+
+// afterRemoval is evictPresenceFully after the registry removal (01 §7.4):
+// peer_left, the presence row, audit, then every registered cleanup. The
+// cleanups run even when the database steps fail.
+func (p *PresenceService) afterRemoval(c *Conn, reason EvictReason, announce bool) {
+	p.metrics.Evictions.WithLabelValues(string(reason)).Inc()
+	p.mu.RLock()
+	name := c.displayName
+	p.mu.RUnlock()
+	if announce {
+		f := protocol.MustEncode(protocol.NewSystemPush(c.MeshID, "peer_left", "low",
+			protocol.PeerEvent{Name: name, Pubkey: c.RoutingPubkey()}, protocol.ISO(p.now())))
+		p.Broadcast(c.MeshID, f, func(v PeerView) bool { return v.Conn.MemberPubkey != c.MemberPubkey })
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.markDisconnected(ctx, []string{c.PresenceID}); err != nil {
+		p.log.Error("mark presence disconnected", "presence_id", c.PresenceID, "err", err)
+	}
+	if announce {
+		p.audit.Record(c.MeshID, "peer_left", c.MemberID, name, map[string]any{})
+	}
+	for _, h := range p.onEvict {
+		h.fn(c, reason)
+	}
+	p.status.Forget(c.PresenceID)
+	p.log.Info("ws evict full", "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()), "reason", reason)
+}
+
+// Pong records a pong: lastPongAt now, and last_ping_at is bumped by the
+// next pong flush (batched, one UPDATE for every socket).
+func (p *PresenceService) Pong(c *Conn) {
+	p.mu.Lock()
+	if p.conns[c.PresenceID] == c {
+		c.lastPongAt = p.now()
+		p.pongs[c.PresenceID] = struct{}{}
+	}
+	p.mu.Unlock()
+}
+
+// FlushPongs writes last_ping_at for every presence that ponged since the
+// last flush.
+func (p *PresenceService) FlushPongs(ctx context.Context) error {
+	p.mu.Lock()
+	ids := make([]string, 0, len(p.pongs))
+	for id := range p.pongs {
+		ids = append(ids, id)
+	}
+	clear(p.pongs)
+	p.mu.Unlock()
+	for len(ids) > 0 {
+		n := min(len(ids), 500)
+		err := p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("presence")+" SET last_ping_at = ? WHERE id IN ?", p.now().UTC(), ids[:n]).Error
+		if err != nil {
+			return fmt.Errorf("flush pongs: %w", err)
+		}
+		ids = ids[n:]
+	}
+	return nil
+}
+
+// SweepStale is the DB stale-presence sweeper (01 §7.5): rows whose
+// last_ping_at is older than the threshold are marked disconnected. Memory
+// is left alone; a reattach undoes it through restorePresence.
+func (p *PresenceService) SweepStale(ctx context.Context) (int64, error) {
+	now := p.now().UTC()
+	res := p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("presence")+" SET disconnected_at = ? WHERE disconnected_at IS NULL AND last_ping_at < ?", now, now.Add(-p.cfg.StaleThreshold))
+	if res.Error != nil {
+		return 0, fmt.Errorf("sweep stale presence: %w", res.Error)
+	}
+	return res.RowsAffected, nil
+}
+
+func (p *PresenceService) markDisconnected(ctx context.Context, ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	return p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("presence")+" SET disconnected_at = ? WHERE id IN ? AND disconnected_at IS NULL", p.now().UTC(), ids).Error
+}
+
+// Shutdown marks this process's live presence rows disconnected (S2) and
+// closes every socket with 1001. No peer_left, no grace.
+func (p *PresenceService) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.shutdown = true
+	ids := make([]string, 0, len(p.conns))
+	var outs []Outbox
+	for id, c := range p.conns {
+		ids = append(ids, id)
+		if c.leaseTimer != nil {
+			c.leaseTimer.Stop()
+			c.leaseTimer = nil
+		}
+		c.leaseGen++
+		if c.online {
+			outs = append(outs, c.out)
+		}
+	}
+	p.mu.Unlock()
+	var err error
+	for len(ids) > 0 {
+		n := min(len(ids), 500)
+		if e := p.markDisconnected(ctx, ids[:n]); e != nil && err == nil {
+			err = fmt.Errorf("mark presences disconnected at shutdown: %w", e)
+		}
+		ids = ids[n:]
+	}
+	for _, o := range outs {
+		o.Close(protocol.CloseShuttingDown)
+	}
+	return err
+}
+
+// StaleSockets returns the online sockets whose last pong is older than
+// the pong timeout; the caller terminates them (the read deadline normally
+// does this first; this is the defensive watchdog of 01 §7.5, which skips
+// offline leases).
+func (p *PresenceService) StaleSockets() []Outbox {
+	cutoff := p.now().Add(-p.cfg.PongTimeout)
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	var out []Outbox
+	for _, c := range p.conns {
+		if c.online && c.lastPongAt.Before(cutoff) {
+			out = append(out, c.out)
+		}
+	}
+	return out
+}

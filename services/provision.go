@@ -1,0 +1,189 @@
+package services
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"gorm.io/gorm"
+
+	"meshbroker/models"
+	"meshbroker/protocol"
+)
+
+// ProvisionService creates meshes and enrolls members, so a broker without
+// the web app is usable (`meshbroker mesh create`, `member add`, `demo`).
+// Each method is one transaction; invalid input changes nothing.
+type ProvisionService struct {
+	db  *models.DB
+	now func() time.Time
+}
+
+// NewProvisionService makes the provisioning service.
+func NewProvisionService(db *models.DB, now func() time.Time) *ProvisionService {
+	return &ProvisionService{db: db, now: now}
+}
+
+// Identity is everything a client needs to connect as a member. SecretKey
+// is the 64-byte ed25519 secret (seed || public key) in hex, as libsodium
+// stores it.
+type Identity struct {
+	MeshID      string `json:"meshId"`
+	MemberID    string `json:"memberId"`
+	DisplayName string `json:"displayName"`
+	Pubkey      string `json:"pubkey"`
+	SecretKey   string `json:"secretKey,omitempty"`
+	Role        string `json:"role"`
+}
+
+// PrivateKey decodes SecretKey.
+func (i Identity) PrivateKey() (ed25519.PrivateKey, error) {
+	b, err := hex.DecodeString(i.SecretKey)
+	if err != nil || len(b) != ed25519.PrivateKeySize {
+		return nil, errors.New("secretKey must be 128 hex characters")
+	}
+	return ed25519.PrivateKey(b), nil
+}
+
+// NewIdentityKey makes a fresh ed25519 key pair.
+func NewIdentityKey() (ed25519.PrivateKey, error) {
+	_, key, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		return nil, fmt.Errorf("generate key: %w", err)
+	}
+	return key, nil
+}
+
+// CreateMesh creates a mesh with its `general` topic and an owner member
+// (role admin) holding a new key pair, returned with its secret.
+// ownerUserID is mesh.owner_user_id; on a database the web app shares it
+// must name an existing user, elsewhere any id will do.
+func (p *ProvisionService) CreateMesh(ctx context.Context, name, ownerUserID, ownerName string) (Identity, error) {
+	name = strings.TrimSpace(name)
+	if name == "" {
+		return Identity{}, newError(protocol.CodeInvalidArgument, "mesh name must not be empty")
+	}
+	if ownerUserID == "" {
+		ownerUserID = "meshbroker-" + models.NewID()[:16]
+	}
+	if ownerName == "" {
+		ownerName = "owner"
+	}
+	key, err := NewIdentityKey()
+	if err != nil {
+		return Identity{}, err
+	}
+	id := Identity{MeshID: models.NewID(), MemberID: models.NewID(), DisplayName: ownerName, Pubkey: protocol.PubkeyHex(key), SecretKey: hex.EncodeToString(key), Role: "admin"}
+	now := p.now().UTC()
+	err = p.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+		if err := tx.Exec("INSERT INTO "+p.db.Table("mesh")+" (id, name, slug, owner_user_id, owner_pubkey, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+			id.MeshID, name, slugify(name), ownerUserID, id.Pubkey, now).Error; err != nil {
+			return fmt.Errorf("insert mesh: %w", err)
+		}
+		if err := p.insertMember(tx, id.MeshID, id.MemberID, id.Pubkey, ownerName, "admin", &ownerUserID, now); err != nil {
+			return err
+		}
+		if err := tx.Exec("INSERT INTO "+p.db.Table("topic")+" (id, mesh_id, name, visibility, created_by_member_id, created_at) VALUES (?, ?, 'general', 'public', ?, ?)",
+			models.NewID(), id.MeshID, id.MemberID, now).Error; err != nil {
+			return fmt.Errorf("insert general topic: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return Identity{}, fmt.Errorf("create mesh %q: %w", name, err)
+	}
+	return id, nil
+}
+
+func (p *ProvisionService) insertMember(tx *gorm.DB, meshID, memberID, pubkey, name, role string, userID *string, now time.Time) error {
+	if err := tx.Exec("INSERT INTO "+p.db.Table("member")+" (id, mesh_id, user_id, peer_pubkey, display_name, role, joined_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+		memberID, meshID, userID, pubkey, name, role, now).Error; err != nil {
+		return fmt.Errorf("insert member: %w", err)
+	}
+	return nil
+}
+
+// AddMember enrolls an existing public key in a mesh.
+func (p *ProvisionService) AddMember(ctx context.Context, meshID, pubkey, name, role string) (Identity, error) {
+	switch {
+	case !protocol.IsLowerHex(pubkey, 64):
+		return Identity{}, newError(protocol.CodeInvalidArgument, "pubkey must be 64 lowercase hex characters")
+	case strings.TrimSpace(name) == "":
+		return Identity{}, newError(protocol.CodeInvalidArgument, "name must not be empty")
+	case role != "admin" && role != "member":
+		return Identity{}, newError(protocol.CodeInvalidArgument, "role must be admin or member")
+	}
+	id := Identity{MeshID: meshID, MemberID: models.NewID(), DisplayName: name, Pubkey: pubkey, Role: role}
+	err := p.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+		var n int64
+		if err := tx.Raw("SELECT count(*) FROM "+p.db.Table("mesh")+" WHERE id = ?", meshID).Scan(&n).Error; err != nil {
+			return err
+		}
+		if n == 0 {
+			return newError(protocol.CodeNotFound, "no mesh "+meshID)
+		}
+		if err := tx.Raw("SELECT count(*) FROM "+p.db.Table("member")+" WHERE mesh_id = ? AND peer_pubkey = ?", meshID, pubkey).Scan(&n).Error; err != nil {
+			return err
+		}
+		if n > 0 {
+			return newError(protocol.CodeInvalid, "pubkey is already a member of this mesh")
+		}
+		return p.insertMember(tx, meshID, id.MemberID, pubkey, name, role, nil, p.now().UTC())
+	})
+	if err != nil {
+		return Identity{}, err
+	}
+	return id, nil
+}
+
+// RevokeMember sets revoked_at on the member with that id or pubkey.
+func (p *ProvisionService) RevokeMember(ctx context.Context, meshID, ref string) (string, error) {
+	res := p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("member")+" SET revoked_at = ? WHERE mesh_id = ? AND (id = ? OR peer_pubkey = ?) AND revoked_at IS NULL",
+		p.now().UTC(), meshID, ref, ref)
+	if res.Error != nil {
+		return "", fmt.Errorf("revoke member: %w", res.Error)
+	}
+	if res.RowsAffected == 0 {
+		return "", newError(protocol.CodeNotFound, "no active member "+ref+" in mesh "+meshID)
+	}
+	return ref, nil
+}
+
+// Demo creates a mesh with an owner and a second member, both with keys.
+func (p *ProvisionService) Demo(ctx context.Context, name string) ([]Identity, error) {
+	owner, err := p.CreateMesh(ctx, name, "", "alice")
+	if err != nil {
+		return nil, err
+	}
+	key, err := NewIdentityKey()
+	if err != nil {
+		return nil, err
+	}
+	bob, err := p.AddMember(ctx, owner.MeshID, protocol.PubkeyHex(key), "bob", "member")
+	if err != nil {
+		return nil, err
+	}
+	bob.SecretKey = hex.EncodeToString(key)
+	return []Identity{owner, bob}, nil
+}
+
+func slugify(name string) string {
+	var b strings.Builder
+	for _, r := range strings.ToLower(name) {
+		switch {
+		case r >= 'a' && r <= 'z' || r >= '0' && r <= '9':
+			b.WriteRune(r)
+		case b.Len() > 0 && !strings.HasSuffix(b.String(), "-"):
+			b.WriteByte('-')
+		}
+	}
+	s := strings.TrimSuffix(b.String(), "-")
+	if s == "" {
+		s = "mesh"
+	}
+	return s
+}
