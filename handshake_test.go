@@ -422,9 +422,11 @@ func TestUpgradeOnlyOnExactPath(t *testing.T) {
 			t.Fatalf("%s answered %q", path, line)
 		}
 	}
-	if _, err := client.Dial(ctxT(t), b.url(), nil); err != nil {
+	ws, err := client.Dial(ctxT(t), b.url(), nil)
+	if err != nil {
 		t.Fatalf("/ws refused: %v", err)
 	}
+	ws.Close()
 }
 
 // A burst of sockets that never say hello is closed at the hello timeout

@@ -132,7 +132,7 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB) (*broker, 
 	b := &broker{cfg: cfg, log: logger, db: db, metrics: services.NewMetrics(), served: make(chan error, 1)}
 	b.health = services.NewHealthService(db, logger, b.metrics, cfg.DBHealthInterval)
 	b.audit = services.NewAuditService(db, logger, b.metrics, now)
-	members := services.NewMemberDirectory(db, now, 5*time.Second)
+	members := services.NewMemberDirectory(db, now, cfg.MemberCacheTTL)
 	b.status = services.NewStatusService(cfg, db, logger, b.metrics, now)
 	b.presence = services.NewPresenceService(cfg, db, logger, b.metrics, members, b.status, b.audit, now)
 	b.queue = services.NewQueueService(cfg, db, logger, b.metrics, now)

@@ -51,6 +51,7 @@ func testConfig(t *testing.T) config.Config {
 	cfg.DBHealthInterval = 50 * time.Millisecond
 	cfg.QueueDepthInterval = 50 * time.Millisecond
 	cfg.ShutdownTimeout = 10 * time.Second
+	cfg.MemberCacheTTL = 0
 	cfg.LogLevel = slog.LevelDebug
 	return cfg
 }

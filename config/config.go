@@ -62,6 +62,7 @@ type Config struct {
 	QueueDepthInterval  time.Duration // default 30 s: broker_queue_depth refresh
 	RateLimitGCInterval time.Duration // default 5 min: idle token buckets are dropped
 	RateLimitIdle       time.Duration // default 10 min
+	MemberCacheTTL      time.Duration // default 5 s: how stale cached peer grants may be
 
 	// Operations.
 	DBHealthInterval time.Duration // default 30 s between health pings while healthy
@@ -111,6 +112,7 @@ func Default() Config {
 		QueueDepthInterval:  30 * time.Second,
 		RateLimitGCInterval: 5 * time.Minute,
 		RateLimitIdle:       10 * time.Minute,
+		MemberCacheTTL:      5 * time.Second,
 
 		DBHealthInterval: 30 * time.Second,
 		ShutdownTimeout:  10 * time.Second,

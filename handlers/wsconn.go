@@ -119,12 +119,16 @@ func (w *wsConn) writeLoop(done chan<- struct{}) {
 			}
 			msg := websocket.FormatCloseMessage(w.closeFrame.Code, w.closeFrame.Reason)
 			_ = w.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(cfg.WriteWait))
-			// The reader returns when the peer answers the close, or at this deadline.
-			_ = w.ws.NetConn().SetReadDeadline(time.Now().Add(cfg.WriteWait))
+			// The reader returns when the peer answers the close, or at this
+			// deadline: a peer that never answers does not hold shutdown up.
+			_ = w.ws.NetConn().SetReadDeadline(time.Now().Add(min(cfg.WriteWait, closeGrace)))
 			return
 		}
 	}
 }
+
+// closeGrace is how long a closed socket waits for the peer's close reply.
+const closeGrace = time.Second
 
 // handleWS upgrades exactly `/ws` and serves the socket until it closes.
 func (s *Server) handleWS(c echo.Context) error {
