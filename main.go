@@ -97,6 +97,7 @@ type broker struct {
 	queue     *services.QueueService
 	audit     *services.AuditService
 	health    *services.HealthService
+	realtime  *services.Realtime
 	server    *handlers.Server
 	ln        net.Listener
 
@@ -137,8 +138,9 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB) (*broker, 
 	b.presence = services.NewPresenceService(cfg, db, logger, b.metrics, members, b.status, b.audit, now)
 	b.queue = services.NewQueueService(cfg, db, logger, b.metrics, now)
 	b.messaging = services.NewMessagingService(cfg, logger, b.metrics, now, b.presence, b.queue, b.status, members, b.audit)
+	b.realtime = services.NewRealtime(b.presence)
 	b.server = handlers.New(cfg, logger, handlers.Services{
-		Presence: b.presence, Messaging: b.messaging, Status: b.status, Health: b.health, Audit: b.audit, Metrics: b.metrics,
+		Presence: b.presence, Messaging: b.messaging, Status: b.status, Health: b.health, Audit: b.audit, Realtime: b.realtime, Metrics: b.metrics,
 		Ready: func(ctx context.Context) error {
 			if cfg.ExpectedSchema != "" {
 				ok, err := db.HasSchemaVersion(ctx, cfg.ExpectedSchema)

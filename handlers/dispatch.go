@@ -71,6 +71,9 @@ func (w *wsConn) dispatch(data []byte) {
 	}
 	handler := handlers[h.Type]
 	if handler == nil {
+		handler = extraHandlers[h.Type]
+	}
+	if handler == nil {
 		w.reply(protocol.NewError(protocol.CodeUnsupported, "unsupported message type "+quoteType(h.Type), h))
 		return
 	}

@@ -33,6 +33,7 @@ type Services struct {
 	Status    *services.StatusService
 	Health    *services.HealthService
 	Audit     AuditReader
+	Realtime  *services.Realtime
 	Metrics   *services.Metrics
 	// Ready reports whether the schema is in place (and the expected
 	// version recorded), for /health/ready.
