@@ -138,7 +138,7 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB) (*broker, 
 	b.presence = services.NewPresenceService(cfg, db, logger, b.metrics, members, b.status, b.audit, now)
 	b.queue = services.NewQueueService(cfg, db, logger, b.metrics, now)
 	b.messaging = services.NewMessagingService(cfg, logger, b.metrics, now, b.presence, b.queue, b.status, members, b.audit)
-	b.realtime = services.NewRealtime(b.presence)
+	b.realtime = services.NewRealtime(cfg, db, logger, b.metrics, now, b.presence, b.audit)
 	b.server = handlers.New(cfg, logger, handlers.Services{
 		Presence: b.presence, Messaging: b.messaging, Status: b.status, Health: b.health, Audit: b.audit, Realtime: b.realtime, Metrics: b.metrics,
 		Ready: func(ctx context.Context) error {
@@ -248,6 +248,7 @@ func (b *broker) close(ctx context.Context) error {
 		errs = append(errs, fmt.Errorf("serve: %w", err))
 	}
 	b.jobs.Wait()
+	b.realtime.Close()
 	b.queue.Stop()
 	if err := b.audit.Close(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("audit flush: %w", err))
