@@ -1,0 +1,379 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"meshbroker/client"
+	"meshbroker/config"
+	"meshbroker/services"
+)
+
+// Continuous presence (01 §6-§8, §14 scenarios 9-13, 15, 17): a transient
+// reconnect is invisible; only lease expiry evicts, exactly once.
+
+func withLease(d time.Duration) func(*config.Config) {
+	return func(c *config.Config) { c.LeaseTTL = d }
+}
+
+func (b *testBroker) auditCount(meshID, event string) int64 {
+	var n int64
+	b.query(&n, "SELECT count(*) FROM {audit_log} WHERE mesh_id = ? AND event_type = ?", meshID, event)
+	return n
+}
+
+func (b *testBroker) presenceRow(id string) (disconnected *time.Time, lastPing time.Time) {
+	b.t.Helper()
+	var rows []struct {
+		DisconnectedAt *time.Time
+		LastPingAt     time.Time
+	}
+	b.query(&rows, "SELECT disconnected_at, last_ping_at FROM {presence} WHERE id = ?", id)
+	if len(rows) != 1 {
+		b.t.Fatalf("presence %s: %d rows", id, len(rows))
+	}
+	return rows[0].DisconnectedAt, rows[0].LastPingAt
+}
+
+// Scenarios 9 and 10, and the design's first case: a socket killed without
+// a close frame comes back inside the lease; nobody sees it leave or join,
+// and the DM sent during the gap arrives once, after the ack.
+func TestSilentReattachSession(t *testing.T) {
+	b := startTestBroker(t, withLease(time.Second))
+	f := b.fixture()
+	bob := b.connect(f.b, client.Options{})
+	daemon := b.connect(f.a, client.Options{SessionID: "daemon"})
+	sess := client.NewSession()
+	s := b.connect(f.a, client.Options{Session: &sess, SessionID: "claude-1"})
+	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
+	waitFor(t, 2*time.Second, "audit joins", func() bool { return b.auditCount(f.meshID, "peer_joined") == 3 })
+	before := b.presence.MeshCount(f.meshID)
+	closedAt := time.Now()
+
+	s.Kill()
+	n, c := sealTo(t, f.b.Key, pub(sess.Key), "during the gap")
+	ack, err := bob.Send(ctxT(t), client.SendRequest{TargetSpec: sess.Pubkey(), Priority: "next", Nonce: n, Ciphertext: c})
+	if err != nil || !ack.Queued {
+		t.Fatalf("DM during grace: %+v %v", ack, err)
+	}
+	waitFor(t, 2*time.Second, "peer_state saved at close", func() bool {
+		var seen []*time.Time
+		b.query(&seen, "SELECT last_seen_at FROM {peer_state} WHERE member_id = ?", f.a.MemberID)
+		return len(seen) == 1 && seen[0] != nil && !seen[0].Before(closedAt.Add(-time.Second))
+	})
+	if disc, _ := b.presenceRow(s.HelloAck.PresenceID); disc != nil {
+		t.Fatal("grace wrote disconnected_at")
+	}
+
+	again := b.connect(f.a, client.Options{Session: &sess, SessionID: "claude-1"})
+	if again.HelloAck.PresenceID != s.HelloAck.PresenceID {
+		t.Fatalf("reattach got presence %s, want %s", again.HelloAck.PresenceID, s.HelloAck.PresenceID)
+	}
+	var raw map[string]json.RawMessage
+	_ = json.Unmarshal(again.AckRaw, &raw)
+	if _, ok := raw["memberProfile"]; ok {
+		t.Fatalf("silent session reattach ack has memberProfile: %s", again.AckRaw)
+	}
+	p := decodePush(t, waitFrame(t, again, 2*time.Second, isMessage))
+	if p.MessageID != ack.MessageID {
+		t.Fatalf("got %s want %s", p.MessageID, ack.MessageID)
+	}
+	if dup := collect(again, 200*time.Millisecond, isMessage); len(dup) != 0 {
+		t.Fatalf("DM pushed twice")
+	}
+	for _, c := range []*client.Client{bob, daemon} {
+		for _, fr := range collect(c, 50*time.Millisecond, func(fr client.Frame) bool { return isEvent("peer_left")(fr) || isEvent("peer_joined")(fr) }) {
+			if decodePush(t, fr).Event == "peer_left" || json.Valid(fr.Raw) && contains([]string{string(fr.Raw)}, sess.Pubkey()) {
+				t.Fatalf("flap visible: %s", fr.Raw)
+			}
+		}
+	}
+	var rows int64
+	b.query(&rows, "SELECT count(*) FROM {presence} WHERE session_pubkey = ?", sess.Pubkey())
+	if rows != 1 || b.presence.MeshCount(f.meshID) != before {
+		t.Fatalf("reattach inserted a row (%d) or moved the count", rows)
+	}
+	waitFor(t, 2*time.Second, "restorePresence", func() bool {
+		disc, ping := b.presenceRow(s.HelloAck.PresenceID)
+		return disc == nil && !ping.Before(closedAt.Add(-time.Millisecond))
+	})
+	if n := b.auditCount(f.meshID, "peer_joined"); n != 3 {
+		t.Fatalf("reattach audited: %d joins", n)
+	}
+}
+
+// Scenario 11: member hello reattach by session id and member key; another
+// session id is a fresh presence and the old lease later leaves.
+func TestSilentReattachMember(t *testing.T) {
+	b := startTestBroker(t, withLease(300*time.Millisecond))
+	f := b.fixture()
+	bob := b.connect(f.b, client.Options{})
+	d := b.connect(f.a, client.Options{SessionID: "daemon-1"})
+	d.Kill()
+	again := b.connect(f.a, client.Options{SessionID: "daemon-1"})
+	if again.HelloAck.PresenceID != d.HelloAck.PresenceID || again.HelloAck.Restored || again.HelloAck.MemberProfile == nil {
+		t.Fatalf("member reattach ack %s", again.AckRaw)
+	}
+	again.Kill()
+	other := b.connect(f.a, client.Options{SessionID: "daemon-2"})
+	if other.HelloAck.PresenceID == d.HelloAck.PresenceID {
+		t.Fatal("another session id reattached")
+	}
+	waitFrame(t, bob, 2*time.Second, isEvent("peer_returned"))
+	left := decodePush(t, waitFrame(t, bob, 2*time.Second, isEvent("peer_left")))
+	if !json.Valid(left.EventData) {
+		t.Fatal(left)
+	}
+}
+
+// Scenario 13 and the design's second case: past the lease, exactly one
+// peer_left to other members, none to the member's own sockets, full
+// cleanup; a later hello is a new presence with one join.
+func TestLeaseExpiresOnce(t *testing.T) {
+	b := startTestBroker(t, withLease(150*time.Millisecond))
+	f := b.fixture()
+	var cleanups atomic.Int32
+	b.presence.OnEvict("test-counter", func(c *services.Conn, _ services.EvictReason) {
+		if c.MemberID == f.a.MemberID && c.Role == services.RoleSession {
+			cleanups.Add(1)
+		}
+	})
+	bob := b.connect(f.b, client.Options{})
+	daemon := b.connect(f.a, client.Options{SessionID: "daemon"})
+	sess := client.NewSession()
+	s := b.connect(f.a, client.Options{Session: &sess})
+	s.Kill()
+	left := decodePush(t, waitFrame(t, bob, 2*time.Second, isEvent("peer_left")))
+	var data struct{ Name, Pubkey string }
+	_ = json.Unmarshal(left.EventData, &data)
+	if data.Pubkey != sess.Pubkey() || data.Name != "alice" {
+		t.Fatalf("peer_left %s", left.EventData)
+	}
+	if more := collect(bob, 300*time.Millisecond, isEvent("peer_left")); len(more) != 0 {
+		t.Fatal("peer_left twice")
+	}
+	if got := collect(daemon, 10*time.Millisecond, isEvent("peer_left")); len(got) != 0 {
+		t.Fatal("same member's socket got peer_left")
+	}
+	if disc, _ := b.presenceRow(s.HelloAck.PresenceID); disc == nil {
+		t.Fatal("eviction did not set disconnected_at")
+	}
+	waitFor(t, 2*time.Second, "audit peer_left", func() bool { return b.auditCount(f.meshID, "peer_left") == 1 })
+	if cleanups.Load() != 1 {
+		t.Fatalf("cleanup ran %d times", cleanups.Load())
+	}
+	back := b.connect(f.a, client.Options{Session: &sess})
+	if back.HelloAck.PresenceID == s.HelloAck.PresenceID {
+		t.Fatal("evicted lease reattached")
+	}
+	if joins := collect(bob, 200*time.Millisecond, isEvent("peer_joined")); len(joins) != 1 {
+		t.Fatalf("%d joins on return", len(joins))
+	}
+}
+
+// Scenario 12: the DB sweeper flips a stale row during grace; the reattach
+// clears it again.
+func TestSweeperAndRestorePresence(t *testing.T) {
+	b := startTestBroker(t, withLease(5*time.Second), func(c *config.Config) { c.StaleSweep = 20 * time.Millisecond })
+	f := b.fixture()
+	sess := client.NewSession()
+	s := b.connect(f.a, client.Options{Session: &sess})
+	s.Kill()
+	b.exec("UPDATE {presence} SET last_ping_at = ? WHERE id = ?", time.Now().UTC().Add(-120*time.Second), s.HelloAck.PresenceID)
+	waitFor(t, 2*time.Second, "sweeper", func() bool { d, _ := b.presenceRow(s.HelloAck.PresenceID); return d != nil })
+	again := b.connect(f.a, client.Options{Session: &sess})
+	if again.HelloAck.PresenceID != s.HelloAck.PresenceID {
+		t.Fatal("no reattach")
+	}
+	waitFor(t, 2*time.Second, "restorePresence", func() bool { d, _ := b.presenceRow(s.HelloAck.PresenceID); return d == nil })
+}
+
+// Scenario 15 and the design's third case: a client that stops answering
+// pings is terminated, enters grace, and can reattach.
+func TestStalledClientWatchdog(t *testing.T) {
+	b := startTestBroker(t, withLease(5*time.Second), func(c *config.Config) {
+		c.PingInterval, c.PongTimeout = 30*time.Millisecond, 150*time.Millisecond
+	})
+	f := b.fixture()
+	bob := b.connect(f.b, client.Options{})
+	sess := client.NewSession()
+	stalled := b.connect(f.a, client.Options{Session: &sess, NoPong: true})
+	healthy := b.connect(f.c, client.Options{})
+	select {
+	case <-stalled.Done():
+	case <-time.After(3 * time.Second):
+		t.Fatal("stalled client not terminated")
+	}
+	if ce := stalled.CloseError(); ce != nil && ce.Code != 1006 {
+		t.Fatalf("terminate sent a close frame %+v; want none (1006)", ce)
+	}
+	select {
+	case <-healthy.Done():
+		t.Fatal("a client answering pings was terminated")
+	case <-time.After(300 * time.Millisecond):
+	}
+	if got := collect(bob, 10*time.Millisecond, isEvent("peer_left")); len(got) != 0 {
+		t.Fatal("watchdog terminate was not a grace")
+	}
+	again := b.connect(f.a, client.Options{Session: &sess})
+	if again.HelloAck.PresenceID != stalled.HelloAck.PresenceID {
+		t.Fatal("no reattach after watchdog")
+	}
+}
+
+// The design's fourth case: DMs of every priority sent during grace are
+// queued and delivered in order on reattach, even while the session's
+// status would hold next and low.
+func TestEveryPriorityDuringGrace(t *testing.T) {
+	b := startTestBroker(t, withLease(3*time.Second))
+	f := b.fixture()
+	bob := b.connect(f.b, client.Options{})
+	sess := client.NewSession()
+	s := b.connect(f.a, client.Options{Session: &sess})
+	s.Kill()
+	var ids []string
+	for _, prio := range []string{"low", "now", "next", "now", "low"} {
+		n, c := sealTo(t, f.b.Key, pub(sess.Key), prio)
+		ack, err := bob.Send(ctxT(t), client.SendRequest{TargetSpec: sess.Pubkey(), Priority: prio, Nonce: n, Ciphertext: c})
+		if err != nil || !ack.Queued {
+			t.Fatal(ack, err)
+		}
+		ids = append(ids, ack.MessageID)
+	}
+	var claimed int64
+	b.query(&claimed, "SELECT count(*) FROM {message_queue} WHERE target_spec = ? AND claimed_at IS NOT NULL", sess.Pubkey())
+	if claimed != 0 {
+		t.Fatalf("%d rows claimed while the socket was down (D2)", claimed)
+	}
+	again := b.connect(f.a, client.Options{Session: &sess})
+	for i, want := range ids {
+		if p := decodePush(t, waitFrame(t, again, 2*time.Second, isMessage)); p.MessageID != want {
+			t.Fatalf("push %d is %s, want %s", i, p.MessageID, want)
+		}
+	}
+}
+
+// Scenario 17 and the design's fifth case (H6): a session hello for a key
+// that is still online takes the lease over without a flap, and the old
+// socket's close is ignored.
+func TestTakeoverWhileOnline(t *testing.T) {
+	b := startTestBroker(t, withLease(150*time.Millisecond))
+	f := b.fixture()
+	bob := b.connect(f.b, client.Options{})
+	sess := client.NewSession()
+	x := b.connect(f.a, client.Options{Session: &sess, SessionID: "s"})
+	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
+	y := b.connect(f.a, client.Options{Session: &sess, SessionID: "s"})
+	<-x.Done()
+	if ce := x.CloseError(); ce == nil || ce.Code != 1000 || ce.Text != "session_replaced" {
+		t.Fatalf("old socket close %+v", ce)
+	}
+	if y.HelloAck.PresenceID != x.HelloAck.PresenceID {
+		t.Fatal("takeover changed the presence")
+	}
+	if got := collect(bob, 500*time.Millisecond, func(fr client.Frame) bool { return isEvent("peer_left")(fr) || isEvent("peer_joined")(fr) }); len(got) != 0 {
+		t.Fatalf("takeover flapped: %s", got[0].Raw)
+	}
+	if !b.presence.Online(b.presence.Get(y.HelloAck.PresenceID)) {
+		t.Fatal("the new socket is not the live one")
+	}
+}
+
+// Two sessions of one member, one in grace: the other keeps working and
+// DMs to the member key go to the live one.
+func TestTwoSessionsOneInGrace(t *testing.T) {
+	b := startTestBroker(t, withLease(5*time.Second))
+	f := b.fixture()
+	bob := b.connect(f.b, client.Options{})
+	s1, s2 := client.NewSession(), client.NewSession()
+	c1 := b.connect(f.a, client.Options{Session: &s1})
+	c2 := b.connect(f.a, client.Options{Session: &s2})
+	c1.Kill()
+	ack, _ := bob.Send(ctxT(t), client.SendRequest{TargetSpec: f.a.Pubkey(), Priority: "now", Nonce: "", Ciphertext: "x"})
+	if p := decodePush(t, waitFrame(t, c2, 2*time.Second, isMessage)); p.MessageID != ack.MessageID {
+		t.Fatal("member-key DM not delivered to the live session")
+	}
+	back := b.connect(f.a, client.Options{Session: &s1})
+	if got := collect(back, 200*time.Millisecond, isMessage); len(got) != 0 {
+		t.Fatal("member-key DM delivered twice")
+	}
+}
+
+// Many sessions flapping at once leave no timers or goroutines behind and
+// every one of them reattaches.
+func TestManySessionsFlapping(t *testing.T) {
+	b := startTestBroker(t, withLease(2*time.Second))
+	f := b.fixture()
+	base := runtime.NumGoroutine()
+	const n = 40
+	sessions := make([]client.Session, n)
+	first := make([]*client.Client, n)
+	for i := range sessions {
+		sessions[i] = client.NewSession()
+		first[i] = b.connect(f.a, client.Options{Session: &sessions[i]})
+	}
+	for round := range 3 {
+		var wg sync.WaitGroup
+		for i := range sessions {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if round == 0 {
+					first[i].Kill()
+				}
+				c, err := b.tryConnect(f.a, client.Options{Session: &sessions[i]})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if c.HelloAck.PresenceID != first[i].HelloAck.PresenceID {
+					t.Errorf("session %d got a new presence", i)
+				}
+				c.Kill()
+			}()
+		}
+		wg.Wait()
+	}
+	if got := b.presence.MeshCount(f.meshID); got != n {
+		t.Fatalf("registry has %d entries, want %d", got, n)
+	}
+	goroutinesSettle(t, base, 10)
+}
+
+// A reattach racing the eviction timer is either a silent reattach or a
+// clean leave-then-join: never both, never neither.
+func TestReattachRacingEviction(t *testing.T) {
+	const lease = 40 * time.Millisecond
+	b := startTestBroker(t, withLease(lease))
+	f := b.fixture()
+	bob := b.connect(f.b, client.Options{})
+	for i := range 30 {
+		sess := client.NewSession()
+		s := b.connect(f.a, client.Options{Session: &sess})
+		waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
+		s.Kill()
+		time.Sleep(lease - 15*time.Millisecond + time.Duration(i)*time.Millisecond)
+		again := b.connect(f.a, client.Options{Session: &sess})
+		events := collect(bob, 150*time.Millisecond, func(fr client.Frame) bool {
+			return isEvent("peer_left")(fr) || isEvent("peer_joined")(fr)
+		})
+		var kinds []string
+		for _, e := range events {
+			kinds = append(kinds, decodePush(t, e).Event)
+		}
+		silent := again.HelloAck.PresenceID == s.HelloAck.PresenceID
+		switch {
+		case silent && len(kinds) == 0:
+		case !silent && fmt.Sprint(kinds) == "[peer_left peer_joined]":
+		default:
+			t.Fatalf("round %d: silent=%v events=%v", i, silent, kinds)
+		}
+		again.Kill()
+		waitFrame(t, bob, 2*time.Second, isEvent("peer_left"))
+	}
+}
