@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -375,5 +376,57 @@ func TestReattachRacingEviction(t *testing.T) {
 		}
 		again.Kill()
 		waitFrame(t, bob, 2*time.Second, isEvent("peer_left"))
+	}
+}
+
+// H7 and the design's sixth case: a resume token reattaches without the
+// attestation round trip; a forged or foreign one is ignored and the hello
+// is judged on its own.
+func TestResumeToken(t *testing.T) {
+	b := startTestBroker(t, withLease(5*time.Second))
+	f := b.fixture()
+	bob := b.connect(f.b, client.Options{})
+	sess := client.NewSession()
+	s := b.connect(f.a, client.Options{Session: &sess})
+	token := s.HelloAck.ResumeToken
+	if !strings.HasPrefix(token, "mesh-resume.v1.") {
+		t.Fatalf("no resume token in %s", s.AckRaw)
+	}
+	if plain := b.connect(f.c, client.Options{}); plain.HelloAck.ResumeToken != "" {
+		t.Fatal("a member socket without a session key got a token")
+	}
+	s.Kill()
+	bare := func(tok string) client.Options {
+		return client.Options{Session: &sess, Mutate: func(m map[string]any) {
+			for _, k := range []string{"signature", "parentAttestation", "timestamp"} {
+				delete(m, k)
+			}
+			m["resumeToken"] = tok
+		}}
+	}
+	// Forged: the token's signature is not the broker's. Without the usual
+	// proofs the hello is rejected, and the lease is untouched.
+	forged := token[:strings.LastIndexByte(token, '.')+1] + strings.Repeat("A", 86)
+	rejected(t, b, f.a, bare(forged), "attestation_mismatch", 1008, "parentAttestation")
+	// Another mesh's token does not resume here either.
+	other := b.fixture()
+	rejected(t, b, f.a, client.Options{Session: &sess, Mutate: func(m map[string]any) {
+		m["meshId"] = other.meshID
+		delete(m, "signature")
+		m["resumeToken"] = token
+	}}, "malformed", 1008, "session_hello rejected")
+	// A genuine token resumes with no signature at all.
+	again := b.connect(f.a, bare(token))
+	if again.HelloAck.PresenceID != s.HelloAck.PresenceID || again.HelloAck.ResumeToken == "" {
+		t.Fatalf("resume: %s", again.AckRaw)
+	}
+	if got := collect(bob, 100*time.Millisecond, func(fr client.Frame) bool { return isEvent("peer_left")(fr) || isEvent("peer_joined")(fr) }); len(got) != 0 {
+		t.Fatal("resume flapped")
+	}
+	// A forged token on an otherwise valid hello is just a fresh hello.
+	again.Kill()
+	normal := b.connect(f.a, client.Options{Session: &sess, Extra: map[string]any{"resumeToken": forged}})
+	if normal.HelloAck.PresenceID != s.HelloAck.PresenceID {
+		t.Fatal("identity reattach failed with a forged token attached")
 	}
 }

@@ -134,8 +134,16 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB) (*broker, 
 	b.health = services.NewHealthService(db, logger, b.metrics, cfg.DBHealthInterval)
 	b.audit = services.NewAuditService(db, logger, b.metrics, now)
 	members := services.NewMemberDirectory(db, now, cfg.MemberCacheTTL)
+	resumeKey, err := services.LoadResumeKey(context.Background(), db, cfg.ResumeTokenKey)
+	if err != nil {
+		return nil, err
+	}
+	// A token must outlive the connection it was issued on plus its grace,
+	// so it lives as long as the longest attestation; it only ever resumes
+	// an existing lease.
+	resume := services.NewResumeTokens(resumeKey, cfg.MaxAttestTTL, now)
 	b.status = services.NewStatusService(cfg, db, logger, b.metrics, now)
-	b.presence = services.NewPresenceService(cfg, db, logger, b.metrics, members, b.status, b.audit, now)
+	b.presence = services.NewPresenceService(cfg, db, logger, b.metrics, members, b.status, b.audit, resume, now)
 	b.queue = services.NewQueueService(cfg, db, logger, b.metrics, now)
 	b.messaging = services.NewMessagingService(cfg, logger, b.metrics, now, b.presence, b.queue, b.status, members, b.audit)
 	b.realtime = services.NewRealtime(cfg, db, logger, b.metrics, now, b.presence, b.audit)

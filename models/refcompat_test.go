@@ -45,7 +45,7 @@ func TestBootstrapOnReferenceMigratedDatabase(t *testing.T) {
 			t.Errorf("bootstrap altered or dropped: %s", line)
 		}
 	}
-	bootstrapOwn := regexp.MustCompile(`\b(mesh\.)?(service|meshbroker_schema)\b|\bservice_`)
+	bootstrapOwn := regexp.MustCompile(`\b(mesh\.)?(service|meshbroker_\w+)\b|\bservice_`)
 	for _, line := range after {
 		if slices.Contains(before, line) {
 			continue

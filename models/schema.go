@@ -296,6 +296,13 @@ const pgMeshbrokerSchema = `CREATE TABLE IF NOT EXISTS mesh.meshbroker_schema (
 	applied_at timestamp DEFAULT now() NOT NULL
 )`
 
+// meshbroker_kv is ours: broker-wide settings that must survive restarts
+// (the generated resume-token signing key).
+const pgMeshbrokerKV = `CREATE TABLE IF NOT EXISTS mesh.meshbroker_kv (
+	key text PRIMARY KEY NOT NULL,
+	value text NOT NULL
+)`
+
 // postgresTables is in creation order: every table after the ones it references.
 func postgresTables() []tableDDL {
 	return []tableDDL{
@@ -304,9 +311,20 @@ func postgresTables() []tableDDL {
 			`CREATE INDEX IF NOT EXISTS member_dashboard_user_idx ON mesh.member (dashboard_user_id)`,
 			`CREATE INDEX IF NOT EXISTS member_peer_grants_gin_idx ON mesh.member USING gin (peer_grants)`,
 		}},
-		{"presence", pgPresence, nil},
+		{"presence", pgPresence, []string{
+			// meshbroker's own: hook lookups by cwd, list_peers by member.
+			`CREATE INDEX IF NOT EXISTS meshbroker_presence_cwd_idx ON mesh.presence (cwd) WHERE disconnected_at IS NULL`,
+			`CREATE INDEX IF NOT EXISTS meshbroker_presence_member_idx ON mesh.presence (member_id) WHERE disconnected_at IS NULL`,
+		}},
 		{"pending_status", pgPendingStatus, nil},
-		{"message_queue", pgMessageQueue, nil},
+		{"message_queue", pgMessageQueue, []string{
+			// meshbroker's own indexes (the reference has only the primary
+			// keys): drains and the idempotency check scan undelivered rows
+			// of one mesh; delivered rows are never deleted, so without a
+			// partial index every drain would read the whole history.
+			`CREATE INDEX IF NOT EXISTS meshbroker_mq_undelivered_idx ON mesh.message_queue (mesh_id, created_at) WHERE delivered_at IS NULL`,
+			`CREATE INDEX IF NOT EXISTS meshbroker_mq_client_msg_idx ON mesh.message_queue (mesh_id, client_message_id) WHERE client_message_id IS NOT NULL`,
+		}},
 		{"audit_log", pgAuditLog, []string{
 			`CREATE INDEX IF NOT EXISTS audit_log_mesh_id_idx ON mesh.audit_log (mesh_id)`,
 			`CREATE INDEX IF NOT EXISTS audit_log_created_at_idx ON mesh.audit_log (created_at)`,
@@ -345,6 +363,7 @@ func postgresTables() []tableDDL {
 			`CREATE INDEX IF NOT EXISTS topic_member_key_by_member ON mesh.topic_member_key (member_id)`,
 		}},
 		{"meshbroker_schema", pgMeshbrokerSchema, nil},
+		{"meshbroker_kv", pgMeshbrokerKV, nil},
 	}
 }
 
@@ -594,6 +613,11 @@ const sqliteMeshbrokerSchema = `CREATE TABLE IF NOT EXISTS meshbroker_schema (
 	applied_at DATETIME NOT NULL DEFAULT {now}
 )`
 
+const sqliteMeshbrokerKV = `CREATE TABLE IF NOT EXISTS meshbroker_kv (
+	key TEXT PRIMARY KEY NOT NULL,
+	value TEXT NOT NULL
+)`
+
 // sqliteNow is the SQLite default for timestamp columns. strftime's %f gives
 // milliseconds ("SS.SSS"); the literal 000 pads to SQLiteTimeLayout's six
 // digits so defaults and Go-written times have the same width.
@@ -606,9 +630,20 @@ func sqliteTables() []tableDDL {
 		{"member", sqliteMember, []string{
 			`CREATE INDEX IF NOT EXISTS member_dashboard_user_idx ON member (dashboard_user_id)`,
 		}},
-		{"presence", sqlitePresence, nil},
+		{"presence", sqlitePresence, []string{
+			// meshbroker's own: hook lookups by cwd, list_peers by member.
+			`CREATE INDEX IF NOT EXISTS meshbroker_presence_cwd_idx ON presence (cwd) WHERE disconnected_at IS NULL`,
+			`CREATE INDEX IF NOT EXISTS meshbroker_presence_member_idx ON presence (member_id) WHERE disconnected_at IS NULL`,
+		}},
 		{"pending_status", sqlitePendingStatus, nil},
-		{"message_queue", sqliteMessageQueue, nil},
+		{"message_queue", sqliteMessageQueue, []string{
+			// meshbroker's own indexes (the reference has only the primary
+			// keys): drains and the idempotency check scan undelivered rows
+			// of one mesh; delivered rows are never deleted, so without a
+			// partial index every drain would read the whole history.
+			`CREATE INDEX IF NOT EXISTS meshbroker_mq_undelivered_idx ON message_queue (mesh_id, created_at) WHERE delivered_at IS NULL`,
+			`CREATE INDEX IF NOT EXISTS meshbroker_mq_client_msg_idx ON message_queue (mesh_id, client_message_id) WHERE client_message_id IS NOT NULL`,
+		}},
 		{"audit_log", sqliteAuditLog, []string{
 			`CREATE INDEX IF NOT EXISTS audit_log_mesh_id_idx ON audit_log (mesh_id)`,
 			`CREATE INDEX IF NOT EXISTS audit_log_created_at_idx ON audit_log (created_at)`,
@@ -647,6 +682,7 @@ func sqliteTables() []tableDDL {
 			`CREATE INDEX IF NOT EXISTS topic_member_key_by_member ON topic_member_key (member_id)`,
 		}},
 		{"meshbroker_schema", sqliteMeshbrokerSchema, nil},
+		{"meshbroker_kv", sqliteMeshbrokerKV, nil},
 	}
 	for i := range tables {
 		tables[i].create = expandSQLite(tables[i].create)

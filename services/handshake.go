@@ -44,6 +44,7 @@ type helloInput struct {
 	channel       string
 	model         string
 	role          PeerRole
+	resumed       bool // authenticated by a resume token: reattach only
 }
 
 func rawStr(r json.RawMessage) string {
@@ -81,6 +82,9 @@ func (p *PresenceService) rejected(e *HandshakeError) *HandshakeError {
 // the joins have been broadcast; the returned Conn is the socket's presence.
 func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hello) (*Conn, error) {
 	started := p.now()
+	if c, err := p.tryResume(ctx, out, h.MeshID, h.ResumeToken, h.DisplayName, h.Cwd, started); c != nil || err != nil {
+		return c, err
+	}
 	sp, spPresent := h.SessionPubkey, len(h.SessionPubkey) > 0 && string(h.SessionPubkey) != "null"
 	sessionPubkey, isStr := protocol.RawString(sp)
 	if spPresent && (!isStr || sessionPubkey != "" && !protocol.IsLowerHex(sessionPubkey, 64)) {
@@ -124,6 +128,9 @@ func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hel
 // for by its parent member's attestation.
 func (p *PresenceService) SessionHello(ctx context.Context, out Outbox, h *protocol.SessionHello) (*Conn, error) {
 	started := p.now()
+	if c, err := p.tryResume(ctx, out, h.MeshID, h.ResumeToken, h.DisplayName, h.Cwd, started); c != nil || err != nil {
+		return c, err
+	}
 	sessionPubkey, _ := protocol.RawString(h.SessionPubkey)
 	if !protocol.IsLowerHex(sessionPubkey, 64) {
 		return nil, p.rejected(reject(protocol.CodeBadSessionPubkey, "sessionPubkey must be 64 lowercase hex chars"))
@@ -193,6 +200,44 @@ func (p *PresenceService) SessionHello(ctx context.Context, out Outbox, h *proto
 	return p.admit(ctx, out, &in, started)
 }
 
+// tryResume reattaches with a resume token (H7) when it is genuine, names
+// this mesh, and a lease of that session key exists whose member is still
+// active. Otherwise it returns nil, nil and the hello goes the normal way.
+func (p *PresenceService) tryResume(ctx context.Context, out Outbox, meshID string, token, displayName, cwd json.RawMessage, started time.Time) (*Conn, error) {
+	tok, ok := protocol.RawString(token)
+	if !ok || tok == "" || p.resume == nil {
+		return nil, nil
+	}
+	sub, mid, ok := p.resume.Verify(tok)
+	if !ok || mid != meshID {
+		p.log.Info("resume token refused", "mesh", meshID)
+		return nil, nil
+	}
+	p.mu.RLock()
+	var lease *Conn
+	for _, c := range p.byKey[keyOf(meshID, sub)] {
+		if c.SessionPubkey == sub && (lease == nil || c.seq < lease.seq) {
+			lease = c
+		}
+	}
+	p.mu.RUnlock()
+	if lease == nil {
+		return nil, nil
+	}
+	member, err := p.members.ByID(ctx, lease.MemberID)
+	if err != nil || member == nil || member.RevokedAt != nil {
+		return nil, err
+	}
+	in := helloInput{
+		meshID: meshID, member: member, memberPubkey: lease.MemberPubkey, sessionPubkey: sub, hasSession: true,
+		displayName: rawStr(displayName), cwd: rawStr(cwd), role: RoleSession, resumed: true,
+	}
+	if lease.Role == RoleControlPlane {
+		in.role = RoleControlPlane
+	}
+	return p.admit(ctx, out, &in, started)
+}
+
 // authorize is the two-step member lookup: active member, else revoked
 // (4002), else unauthorized.
 func (p *PresenceService) authorize(ctx context.Context, meshID, pubkey, notFound string) (*MemberRow, error) {
@@ -236,7 +281,7 @@ func matchesReattachLocked(c *Conn, in *helloInput) bool {
 func (p *PresenceService) findReattachLocked(in *helloInput) *Conn {
 	var best *Conn
 	for _, c := range p.byMesh[in.meshID] {
-		if (!c.online || in.role == RoleSession) && matchesReattachLocked(c, in) && (best == nil || c.seq < best.seq) {
+		if (!c.online || in.role == RoleSession || in.resumed) && matchesReattachLocked(c, in) && (best == nil || c.seq < best.seq) {
 			best = c
 		}
 	}
@@ -291,6 +336,11 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 			p.metrics.ReattachLatency.Observe(p.now().Sub(started).Seconds())
 		}
 		return c, err
+	}
+	if in.resumed {
+		// The lease went away between the token check and now: the token
+		// proves nothing else, so the client must hello in full.
+		return nil, p.rejected(reject(protocol.CodeExpired, "resume rejected: lease expired"))
 	}
 
 	// Initial groups (01 §2.4 step 3, §3.4).
@@ -356,7 +406,7 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 
 	ack := protocol.HelloAck{
 		Type: "hello_ack", PresenceID: c.PresenceID, MemberDisplayName: effectiveName, MemberProfile: profile,
-		MeshPolicy: policy, Services: services, LeaseTTLMs: p.cfg.LeaseTTL.Milliseconds(),
+		MeshPolicy: policy, Services: services, LeaseTTLMs: p.cfg.LeaseTTL.Milliseconds(), ResumeToken: p.resumeToken(c),
 	}
 	if saved != nil {
 		ack.Restored = true
@@ -406,6 +456,15 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 	return c, nil
 }
 
+// resumeToken is the token hello_ack carries for a presence with a session
+// key (H7); member sockets without one have no session to resume.
+func (p *PresenceService) resumeToken(c *Conn) string {
+	if p.resume == nil || c.SessionPubkey == "" {
+		return ""
+	}
+	return p.resume.Issue(c.SessionPubkey, c.MeshID)
+}
+
 func groupsPayload(groups []protocol.Group) []any {
 	out := make([]any, 0, len(groups))
 	for _, g := range groups {
@@ -453,7 +512,8 @@ func (p *PresenceService) reattach(ctx context.Context, out Outbox, in *helloInp
 	if in.displayName != "" {
 		c.displayName = in.displayName
 	}
-	ack := protocol.HelloAck{Type: "hello_ack", PresenceID: c.PresenceID, MemberDisplayName: c.displayName, MeshPolicy: policy, LeaseTTLMs: p.cfg.LeaseTTL.Milliseconds()}
+	ack := protocol.HelloAck{Type: "hello_ack", PresenceID: c.PresenceID, MemberDisplayName: c.displayName, MeshPolicy: policy,
+		LeaseTTLMs: p.cfg.LeaseTTL.Milliseconds(), ResumeToken: p.resumeToken(c)}
 	if in.role == RoleControlPlane {
 		ack.MemberProfile = profile
 		ack.Services = services

@@ -37,6 +37,7 @@ type PresenceService struct {
 	members *MemberDirectory
 	status  *StatusService
 	audit   Auditor
+	resume  *ResumeTokens
 	now     func() time.Time
 
 	onAttach []func(c *Conn, fresh bool)
@@ -159,10 +160,10 @@ type PeerView struct {
 }
 
 // NewPresenceService wires the registry to its collaborators.
-func NewPresenceService(cfg config.Config, db *models.DB, log *slog.Logger, metrics *Metrics, members *MemberDirectory, status *StatusService, audit Auditor, now func() time.Time) *PresenceService {
+func NewPresenceService(cfg config.Config, db *models.DB, log *slog.Logger, metrics *Metrics, members *MemberDirectory, status *StatusService, audit Auditor, resume *ResumeTokens, now func() time.Time) *PresenceService {
 	return &PresenceService{
 		cfg: cfg, db: db, log: log.With("svc", "presence"), metrics: metrics, members: members,
-		status: status, audit: audit, now: now,
+		status: status, audit: audit, resume: resume, now: now,
 		conns: map[string]*Conn{}, byMesh: map[string]map[string]*Conn{}, byKey: map[string][]*Conn{},
 		pongs: map[string]struct{}{},
 	}

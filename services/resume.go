@@ -1,0 +1,106 @@
+package services
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"meshbroker/models"
+)
+
+// ResumeTokens issues and checks resume tokens (01 §11, decision H7): a
+// broker-signed, short bearer credential that lets a session reattach its
+// own lease without re-signing an attestation. Form:
+//
+//	mesh-resume.v1.<b64url(JSON{sub,mid,exp,iat})>.<b64url(ed25519 sig)>
+//
+// sub is the session pubkey, mid the mesh id; the signature covers
+// everything before the last dot. A token only ever reattaches an existing
+// lease of that session key in that mesh whose member is still active; a
+// forged, expired or unmatched token is ignored and the hello is processed
+// as if it had none. Old clients never send one.
+//
+// Concurrency: immutable after construction.
+type ResumeTokens struct {
+	key ed25519.PrivateKey
+	ttl time.Duration
+	now func() time.Time
+}
+
+const resumePrefix = "mesh-resume.v1."
+
+type resumeClaims struct {
+	Sub string `json:"sub"`
+	Mid string `json:"mid"`
+	Exp int64  `json:"exp"`
+	Iat int64  `json:"iat"`
+}
+
+// NewResumeTokens uses key (from RESUME_TOKEN_KEY, or LoadResumeKey).
+func NewResumeTokens(key ed25519.PrivateKey, ttl time.Duration, now func() time.Time) *ResumeTokens {
+	return &ResumeTokens{key: key, ttl: ttl, now: now}
+}
+
+// LoadResumeKey returns the signing key: the configured seed (64 hex), or
+// the one kept in meshbroker_kv, generated on first use. Concurrent first
+// starts agree on one key because the insert does nothing on conflict and
+// everyone reads back the stored row.
+func LoadResumeKey(ctx context.Context, db *models.DB, seedHex string) (ed25519.PrivateKey, error) {
+	if seedHex != "" {
+		seed, err := hex.DecodeString(seedHex)
+		if err != nil || len(seed) != ed25519.SeedSize {
+			return nil, fmt.Errorf("resume token key must be 64 hex characters")
+		}
+		return ed25519.NewKeyFromSeed(seed), nil
+	}
+	_, fresh, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		return nil, fmt.Errorf("generate resume key: %w", err)
+	}
+	tbl := db.Table("meshbroker_kv")
+	if err := db.WithContext(ctx).Exec("INSERT INTO "+tbl+" (key, value) VALUES ('resume_token_seed', ?) ON CONFLICT (key) DO NOTHING", hex.EncodeToString(fresh.Seed())).Error; err != nil {
+		return nil, fmt.Errorf("store resume key: %w", err)
+	}
+	var stored []string
+	if err := db.WithContext(ctx).Raw("SELECT value FROM "+tbl+" WHERE key = 'resume_token_seed'").Scan(&stored).Error; err != nil || len(stored) != 1 {
+		return nil, fmt.Errorf("read resume key: %v", err)
+	}
+	return LoadResumeKey(ctx, db, stored[0])
+}
+
+// Issue makes a token for a session key in a mesh.
+func (r *ResumeTokens) Issue(sessionPubkey, meshID string) string {
+	now := r.now()
+	claims, _ := json.Marshal(resumeClaims{Sub: sessionPubkey, Mid: meshID, Iat: now.UnixMilli(), Exp: now.Add(r.ttl).UnixMilli()})
+	signed := resumePrefix + base64.RawURLEncoding.EncodeToString(claims)
+	return signed + "." + base64.RawURLEncoding.EncodeToString(ed25519.Sign(r.key, []byte(signed)))
+}
+
+// Verify returns the session key and mesh a genuine, unexpired token names.
+func (r *ResumeTokens) Verify(token string) (sessionPubkey, meshID string, ok bool) {
+	if !strings.HasPrefix(token, resumePrefix) || len(token) > 1024 {
+		return "", "", false
+	}
+	dot := strings.LastIndexByte(token, '.')
+	if dot <= len(resumePrefix) {
+		return "", "", false
+	}
+	sig, err := base64.RawURLEncoding.DecodeString(token[dot+1:])
+	if err != nil || len(sig) != ed25519.SignatureSize || !ed25519.Verify(r.key.Public().(ed25519.PublicKey), []byte(token[:dot]), sig) {
+		return "", "", false
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(token[len(resumePrefix):dot])
+	if err != nil {
+		return "", "", false
+	}
+	var c resumeClaims
+	if json.Unmarshal(raw, &c) != nil || c.Sub == "" || c.Mid == "" || r.now().UnixMilli() > c.Exp {
+		return "", "", false
+	}
+	return c.Sub, c.Mid, true
+}
