@@ -388,6 +388,7 @@ func TestResumeToken(t *testing.T) {
 	bob := b.connect(f.b, client.Options{})
 	sess := client.NewSession()
 	s := b.connect(f.a, client.Options{Session: &sess})
+	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
 	token := s.HelloAck.ResumeToken
 	if !strings.HasPrefix(token, "mesh-resume.v1.") {
 		t.Fatalf("no resume token in %s", s.AckRaw)
