@@ -72,6 +72,25 @@ func NewMetrics() *Metrics {
 	m.AcceptLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_send_accept_seconds", Help: "send frame to committed row", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})
 	m.ReattachLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_reattach_seconds", Help: "hello received to hello_ack queued, for silent reattaches", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})
 
+	// Label values known up front are created at zero, so every metric
+	// shows up on /metrics before its first event, as the reference's do.
+	for _, r := range []string{"capacity", "unauthorized", "revoked", "bad_session_pubkey", "bad_parent_pubkey", "attestation_mismatch",
+		"parent_member_id_mismatch", "timestamp_skew", "bad_signature", "malformed"} {
+		m.ConnectionsRejected.WithLabelValues(r)
+	}
+	for _, p := range []string{"now", "next", "low"} {
+		m.MessagesRouted.WithLabelValues(p)
+	}
+	for _, r := range []string{"rate_limit", "too_large", "no_recipient", "parse_or_handler"} {
+		m.MessagesRejected.WithLabelValues(r)
+	}
+	m.MessagesDroppedGrant.WithLabelValues("dm")
+	m.MessagesDroppedGrant.WithLabelValues("broadcast")
+	m.TTLSweeps.WithLabelValues("0")
+	for _, r := range []string{"lease_expired", "dedup", "kick", "disconnect", "ban"} {
+		m.Evictions.WithLabelValues(r)
+	}
+
 	for _, c := range []prometheus.Collector{
 		m.ConnectionsTotal, m.ConnectionsRejected, m.ConnectionsActive, m.MessagesRouted, m.MessagesRejected,
 		m.MessagesDroppedGrant, m.LegacyAuthHits, m.QueueDepth, m.TTLSweeps, m.HookRequests, m.HookRateLimited,

@@ -1,0 +1,260 @@
+package main
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"meshbroker/client"
+	"meshbroker/config"
+	"meshbroker/protocol"
+)
+
+func (b *testBroker) status(presenceID string) (status, source string) {
+	b.t.Helper()
+	var rows []struct{ Status, StatusSource string }
+	b.query(&rows, "SELECT status, status_source FROM {presence} WHERE id = ?", presenceID)
+	if len(rows) != 1 {
+		b.t.Fatalf("presence %s: %d rows", presenceID, len(rows))
+	}
+	return rows[0].Status, rows[0].StatusSource
+}
+
+// 03 §12 scenarios 6-8, 10-12: the hook route's answers and effects.
+func TestHookSetStatus(t *testing.T) {
+	b := startTestBroker(t, func(c *config.Config) { c.PendingSweepInterval = 20 * time.Millisecond })
+	f := b.fixture()
+	code, out := postHook(t, b, `{"cwd":"/p1","pid":7,"status":"working"}`)
+	if code != 200 || out["ok"] != true || out["pending"] != true {
+		t.Fatalf("pending: %d %v", code, out)
+	}
+	var pend []struct {
+		Pid          int
+		Cwd, Status  string
+		StatusSource string
+		AppliedAt    *time.Time
+	}
+	b.query(&pend, "SELECT pid, cwd, status, status_source, applied_at FROM {pending_status}")
+	if len(pend) != 1 || pend[0].Pid != 7 || pend[0].Cwd != "/p1" || pend[0].Status != "working" || pend[0].StatusSource != "hook" {
+		t.Fatalf("pending row %+v", pend)
+	}
+	// A hello with that pid and cwd within the window takes the status.
+	a := b.connect(f.a, client.Options{Pid: 7, Cwd: "/p1"})
+	if st, src := b.status(a.HelloAck.PresenceID); st != "working" || src != "hook" {
+		t.Fatalf("hello after hook: %s/%s", st, src)
+	}
+	waitFor(t, 2*time.Second, "applied pending row swept", func() bool {
+		var n int64
+		b.query(&n, "SELECT count(*) FROM {pending_status}")
+		return n == 0
+	})
+	// Matched by pid+cwd, then by cwd alone (newest connection).
+	code, out = postHook(t, b, `{"cwd":"/p1","pid":999,"status":"idle"}`)
+	if code != 200 || out["presence_id"] != a.HelloAck.PresenceID {
+		t.Fatalf("cwd fallback: %d %v", code, out)
+	}
+	if st, src := b.status(a.HelloAck.PresenceID); st != "idle" || src != "hook" {
+		t.Fatalf("after idle hook: %s/%s", st, src)
+	}
+	for _, tt := range []struct {
+		body string
+		code int
+		want string
+	}{
+		{`{"pid":1,"status":"idle"}`, 200, `{"ok":false,"error":"cwd and status required"}`},
+		{`{"cwd":"/p1"}`, 200, `{"ok":false,"error":"cwd and status required"}`},
+		{`{"cwd":"/p1","status":"sleeping"}`, 400, `{"ok":false,"error":"invalid status"}`},
+		{`not json`, 500, `"ok":false`},
+		{``, 500, `"ok":false`},
+	} {
+		c, _, body := httpDo(t, "POST", b.httpURL("/hook/set-status"), tt.body)
+		if c != tt.code || !strings.Contains(body, tt.want) {
+			t.Errorf("%q → %d %s", tt.body, c, body)
+		}
+	}
+	if st, _ := b.status(a.HelloAck.PresenceID); st != "idle" {
+		t.Fatal("bad hook requests changed the status")
+	}
+}
+
+// A hook for a cwd nobody has is parked, then swept after its 10 s TTL
+// (shrunk); a hello after that starts idle/jsonl.
+func TestPendingStatusExpires(t *testing.T) {
+	b := startTestBroker(t, func(c *config.Config) {
+		c.PendingStatusTTL, c.PendingSweepInterval = 100*time.Millisecond, 20*time.Millisecond
+	})
+	f := b.fixture()
+	postHook(t, b, `{"cwd":"/late","pid":9,"status":"working"}`)
+	waitFor(t, 2*time.Second, "pending swept", func() bool {
+		var n int64
+		b.query(&n, "SELECT count(*) FROM {pending_status}")
+		return n == 0
+	})
+	a := b.connect(f.a, client.Options{Pid: 9, Cwd: "/late"})
+	if st, src := b.status(a.HelloAck.PresenceID); st != "idle" || src != "jsonl" {
+		t.Fatalf("expired pending applied: %s/%s", st, src)
+	}
+}
+
+// 03 §12 scenarios 9 and 16: dnd survives hooks; only manual leaves it.
+func TestDNDSurvivesHook(t *testing.T) {
+	b := startTestBroker(t)
+	f := b.fixture()
+	a := b.connect(f.a, client.Options{Cwd: "/dnd"})
+	_ = a.WriteJSON(map[string]any{"type": "set_status", "status": "dnd"})
+	peers, _ := a.ListPeers(ctxT(t))
+	if len(peers) != 1 || peers[0].Status != "dnd" {
+		t.Fatalf("list after dnd: %+v", peers)
+	}
+	if st, src := b.status(a.HelloAck.PresenceID); st != "dnd" || src != "manual" {
+		t.Fatalf("%s/%s", st, src)
+	}
+	code, out := postHook(t, b, `{"cwd":"/dnd","status":"idle"}`)
+	if code != 200 || out["presence_id"] != a.HelloAck.PresenceID {
+		t.Fatalf("%d %v", code, out)
+	}
+	if st, _ := b.status(a.HelloAck.PresenceID); st != "dnd" {
+		t.Fatal("hook cleared dnd")
+	}
+	_ = a.WriteJSON(map[string]any{"type": "set_status", "status": "idle"})
+	_, _ = a.ListPeers(ctxT(t))
+	if st, _ := b.status(a.HelloAck.PresenceID); st != "idle" {
+		t.Fatal("manual idle did not clear dnd")
+	}
+}
+
+// 03 §12 scenario 17 and S3: the TTL sweeper flips a stuck `working` to
+// idle and releases held messages; dnd is untouched.
+func TestStatusTTLSweeper(t *testing.T) {
+	b := startTestBroker(t, func(c *config.Config) {
+		c.StatusTTL, c.StatusSweepInterval, c.HookFreshWindow = 200*time.Millisecond, 20*time.Millisecond, time.Hour
+	})
+	m := b.msgFixture()
+	postHook(t, b, `{"cwd":"/b1","status":"working"}`)
+	_ = m.c1.WriteJSON(map[string]any{"type": "set_status", "status": "dnd"})
+	_, _ = m.c1.ListPeers(ctxT(t))
+	held := dm(t, m.a1, m.sa1, m.sb1, "next", "held")
+	if got := collect(m.b1, 50*time.Millisecond, isMessage); len(got) != 0 {
+		t.Fatal("working peer got next")
+	}
+	p := decodePush(t, waitFrame(t, m.b1, 3*time.Second, isMessage))
+	if p.MessageID != held.MessageID {
+		t.Fatal("wrong message released")
+	}
+	if st, src := b.status(m.b1.HelloAck.PresenceID); st != "idle" || src != "jsonl" {
+		t.Fatalf("after sweep: %s/%s", st, src)
+	}
+	if st, _ := b.status(m.c1.HelloAck.PresenceID); st != "dnd" {
+		t.Fatal("sweeper touched dnd")
+	}
+	_, _, body := httpDo(t, "GET", b.httpURL("/metrics"), "")
+	if !strings.Contains(body, `broker_ttl_sweeps_total{flipped="1"}`) {
+		t.Fatalf("ttl sweep metric:\n%s", grepLines(body, "ttl_sweeps"))
+	}
+}
+
+// 03 §12 scenario 13: the hook rate limit, per (pid, cwd), then recovery.
+func TestHookRateLimit(t *testing.T) {
+	b := startTestBroker(t, func(c *config.Config) { c.HookRateLimitPerMin = 120 })
+	for i := range 120 {
+		if code, _ := postHook(t, b, `{"cwd":"/rate-test","pid":42,"status":"idle"}`); code != 200 {
+			t.Fatalf("request %d: %d", i, code)
+		}
+	}
+	code, out := postHook(t, b, `{"cwd":"/rate-test","pid":42,"status":"idle"}`)
+	if code != 429 || out["error"] != "rate limited" || out["ok"] != false {
+		t.Fatalf("%d %v", code, out)
+	}
+	if code, _ := postHook(t, b, `{"cwd":"/other","pid":42,"status":"idle"}`); code != 200 {
+		t.Fatal("another key was limited")
+	}
+	time.Sleep(550 * time.Millisecond) // 120/min refills one token per 500 ms
+	if code, _ := postHook(t, b, `{"cwd":"/rate-test","pid":42,"status":"idle"}`); code != 200 {
+		t.Fatal("no recovery")
+	}
+	_, _, body := httpDo(t, "GET", b.httpURL("/metrics"), "")
+	if !strings.Contains(body, "broker_hook_requests_rate_limited_total 1\n") || !strings.Contains(body, "broker_hook_requests_total 123\n") {
+		t.Fatalf("hook metrics:\n%s", grepLines(body, "broker_hook"))
+	}
+}
+
+// 03 §6.7 and R1/H2: moderation is for owners and admins, runs the one
+// eviction path without peer_left, and keeps the capacity count right.
+func TestModeration(t *testing.T) {
+	b := startTestBroker(t, withLease(5*time.Second))
+	f := b.fixture()
+	admin := b.connect(f.a, client.Options{})
+	bob := b.connect(f.b, client.Options{DisplayName: "Bob"})
+	carol := b.connect(f.c, client.Options{})
+	_, err := carol.Request(ctxT(t), map[string]any{"type": "disconnect", "target": "Bob"})
+	var er *client.ErrorReply
+	if !errors.As(err, &er) || er.Code != "forbidden" || er.Message != "only owner or admin can disconnected" {
+		t.Fatalf("non-admin disconnect: %v", err)
+	}
+	if _, err := carol.Request(ctxT(t), map[string]any{"type": "ban", "target": "bob"}); !errors.As(err, &er) || er.Code != "forbidden" {
+		t.Fatalf("non-admin ban: %v", err)
+	}
+	select {
+	case <-bob.Done():
+		t.Fatal("refused moderation closed a socket")
+	default:
+	}
+	fr, err := admin.Request(ctxT(t), map[string]any{"type": "disconnect", "target": "Bob"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ack protocol.ModerationAck
+	_ = fr.Decode(&ack)
+	if ack.Type != "disconnect_ack" || len(ack.Kicked) != 1 || ack.Kicked[0] != "Bob" {
+		t.Fatalf("%s", fr.Raw)
+	}
+	<-bob.Done()
+	if ce := bob.CloseError(); ce == nil || ce.Code != 1000 || ce.Text != "disconnected" {
+		t.Fatalf("close %+v", ce)
+	}
+	if got := collect(carol, 100*time.Millisecond, isEvent("peer_left")); len(got) != 0 {
+		t.Fatal("disconnect sent peer_left")
+	}
+	if n := b.presence.MeshCount(f.meshID); n != 2 {
+		t.Fatalf("count %d after disconnect, want 2", n)
+	}
+	// Ban: 4002 now and at the next hello.
+	bob2 := b.connect(f.b, client.Options{DisplayName: "Bob"})
+	fr, err = admin.Request(ctxT(t), map[string]any{"type": "ban", "target": f.b.Pubkey()[:12]})
+	if err != nil || !strings.Contains(string(fr.Raw), `"banned":"bob"`) {
+		t.Fatalf("ban: %s %v", fr.Raw, err)
+	}
+	<-bob2.Done()
+	if ce := bob2.CloseError(); ce == nil || ce.Code != 4002 || ce.Text != "banned" {
+		t.Fatalf("ban close %+v", ce)
+	}
+	rejected(t, b, f.b, client.Options{}, "revoked", 4002, "You've been removed")
+	if _, err := admin.Request(ctxT(t), map[string]any{"type": "unban", "target": "bob"}); err != nil {
+		t.Fatal(err)
+	}
+	b.connect(f.b, client.Options{})
+	waitFor(t, 2*time.Second, "ban audited", func() bool {
+		return b.auditCount(f.meshID, "member_banned") == 1 && b.auditCount(f.meshID, "member_unbanned") == 1
+	})
+	// Kick skips control-plane sockets and closes sessions with 4001.
+	sess := client.NewSession()
+	cs := b.connect(f.c, client.Options{Session: &sess})
+	fr, err = admin.Request(ctxT(t), map[string]any{"type": "kick", "target": f.c.Pubkey()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = fr.Decode(&ack)
+	if ack.Type != "kick_ack" || len(ack.Kicked) != 1 || len(ack.SkippedControlPlane) != 1 {
+		t.Fatalf("%s", fr.Raw)
+	}
+	<-cs.Done()
+	if ce := cs.CloseError(); ce == nil || ce.Code != 4001 || ce.Text != "kicked" {
+		t.Fatalf("kick close %+v", ce)
+	}
+	select {
+	case <-carol.Done():
+		t.Fatal("kick closed a control-plane socket")
+	default:
+	}
+}
