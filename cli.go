@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
+	"strconv"
 	"time"
 
 	"meshbroker/config"
@@ -24,6 +26,9 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 	fail := func(code int, format string, a ...any) int {
 		fmt.Fprintf(stderr, "meshbroker: "+format+"\n", a...)
 		return code
+	}
+	if args[0] == "healthcheck" {
+		return healthcheck(cfg, stderr)
 	}
 	cmd := args[0]
 	if len(args) > 1 && (cmd == "mesh" || cmd == "member") {
@@ -116,4 +121,21 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 		fmt.Fprintf(stdout, "mesh %s with members alice and bob; identities written to %s\n", ids[0].MeshID, *out)
 		return 0
 	}
+}
+
+// healthcheck probes this machine's broker, for container HEALTHCHECKs on
+// images without curl.
+func healthcheck(cfg config.Config, stderr io.Writer) int {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://127.0.0.1:" + strconv.Itoa(cfg.Port) + "/health")
+	if err != nil {
+		fmt.Fprintln(stderr, "meshbroker: healthcheck:", err)
+		return 1
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintln(stderr, "meshbroker: healthcheck: status", resp.StatusCode)
+		return 1
+	}
+	return 0
 }

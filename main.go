@@ -257,6 +257,8 @@ func (b *broker) close(ctx context.Context) error {
 	}
 	b.jobs.Wait()
 	b.realtime.Close()
+	b.messaging.Stop()
+	b.presence.Wait()
 	b.queue.Stop()
 	if err := b.audit.Close(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("audit flush: %w", err))
@@ -276,6 +278,7 @@ Usage:
   meshbroker member add --mesh ID --pubkey HEX --name NAME [--role admin|member]
   meshbroker member revoke --mesh ID --member ID|PUBKEY
   meshbroker demo [--out FILE]       create a mesh with two members and write their identities to FILE (default demo-identities.json)
+  meshbroker healthcheck             exit 0 if the broker on BROKER_PORT answers /health
   meshbroker --help
 
 `

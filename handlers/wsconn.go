@@ -1,9 +1,12 @@
 package handlers
 
 import (
+	"bytes"
 	"errors"
 	"log/slog"
+	"math"
 	"net"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,10 +37,23 @@ type wsConn struct {
 	closeFrame protocol.Close
 	abrupt     bool // Terminate: drop the TCP connection, no close frame
 
-	authed atomic.Bool // set by readLoop after a successful hello; read by the hello timer
+	authed    atomic.Bool   // set by readLoop after a successful hello; read by the hello timer
+	confirmed atomic.Uint64 // highest write sequence a pong has confirmed; set by the reader
 
 	// Owned by readLoop.
 	presence *services.Conn
+
+	// Owned by writeLoop (read by Unsent once the writer has exited).
+	writeSeq uint64        // frames written so far
+	written  []writtenPush // queue pushes written but not yet confirmed by a pong
+}
+
+// writtenPush is a queue push the writer handed to the socket. It counts as
+// received once a pong answers a ping written after it: the peer read the
+// stream past it.
+type writtenPush struct {
+	seq uint64
+	id  string
 }
 
 // Offer queues a frame for the writer without blocking. A full queue means
@@ -69,12 +85,66 @@ func (w *wsConn) Terminate() {
 	_ = w.ws.NetConn().Close() // unblocks both loops at once
 }
 
+// trimConfirmed drops written pushes a pong has confirmed. Writer only.
+func (w *wsConn) trimConfirmed() {
+	c := w.confirmed.Load()
+	i := 0
+	for i < len(w.written) && w.written[i].seq <= c {
+		i++
+	}
+	if i > 0 {
+		w.written = append(w.written[:0], w.written[i:]...)
+	}
+}
+
+// Unsent returns the messageIds of the queue pushes this socket cannot vouch
+// for: written but never confirmed by a pong, or never written at all.
+// Called once the writer has exited.
+func (w *wsConn) Unsent() []string {
+	w.trimConfirmed()
+	ids := make([]string, 0, len(w.written))
+	for _, p := range w.written {
+		ids = append(ids, p.id)
+	}
+	for {
+		select {
+		case f := <-w.out:
+			if id, ok := pushMessageID(f); ok {
+				ids = append(ids, id)
+			}
+		default:
+			return ids
+		}
+	}
+}
+
+// pushMessageID reads the messageId of a queue push frame, which the
+// protocol package encodes with type first and messageId second; system
+// pushes (subtype second) are not queue rows.
+func pushMessageID(f protocol.Frame) (string, bool) {
+	const prefix = `{"type":"push","messageId":"`
+	if !bytes.HasPrefix(f, []byte(prefix)) {
+		return "", false
+	}
+	rest := f[len(prefix):]
+	end := bytes.IndexByte(rest, '"')
+	if end < 0 {
+		return "", false
+	}
+	return string(rest[:end]), true
+}
+
 func (w *wsConn) shutdown(c protocol.Close, abrupt bool) {
 	w.closeOnce.Do(func() {
 		w.closeFrame, w.abrupt = c, abrupt
 		close(w.closing)
 	})
 }
+
+// confirmDelay is how soon after writing a queue push the writer pings to
+// learn that it arrived, so a socket that dies right after a push can tell
+// the push was received or not.
+const confirmDelay = 100 * time.Millisecond
 
 // writeLoop writes offered frames and pings, and on close flushes what was
 // offered before it, writes the close frame and gives the peer WriteWait to
@@ -84,9 +154,33 @@ func (w *wsConn) writeLoop(done chan<- struct{}) {
 	cfg := w.srv.cfg
 	ping := time.NewTicker(cfg.PingInterval)
 	defer ping.Stop()
+	confirm := time.NewTimer(time.Hour)
+	confirm.Stop()
+	var confirmC <-chan time.Time // nil unless a confirmation ping is due
 	write := func(f protocol.Frame) bool {
 		_ = w.ws.SetWriteDeadline(time.Now().Add(cfg.WriteWait))
 		if err := w.ws.WriteMessage(websocket.TextMessage, f); err != nil {
+			if id, ok := pushMessageID(f); ok {
+				w.written = append(w.written, writtenPush{seq: math.MaxUint64, id: id}) // never confirmed
+			}
+			w.Terminate()
+			return false
+		}
+		w.writeSeq++
+		if id, ok := pushMessageID(f); ok {
+			w.trimConfirmed()
+			w.written = append(w.written, writtenPush{seq: w.writeSeq, id: id})
+			if confirmC == nil {
+				confirm.Reset(confirmDelay)
+				confirmC = confirm.C
+			}
+		}
+		return true
+	}
+	sendPing := func() bool {
+		// The payload is the write sequence; the pong echoes it back.
+		payload := strconv.AppendUint(nil, w.writeSeq, 10)
+		if err := w.ws.WriteControl(websocket.PingMessage, payload, time.Now().Add(cfg.WriteWait)); err != nil {
 			w.Terminate()
 			return false
 		}
@@ -98,9 +192,13 @@ func (w *wsConn) writeLoop(done chan<- struct{}) {
 			if !write(f) {
 				return
 			}
+		case <-confirmC:
+			confirmC = nil
+			if !sendPing() {
+				return
+			}
 		case <-ping.C:
-			if err := w.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(cfg.WriteWait)); err != nil {
-				w.Terminate()
+			if !sendPing() {
 				return
 			}
 		case <-w.closing:
@@ -192,8 +290,11 @@ func (w *wsConn) serve() {
 	})
 	w.ws.SetReadLimit(int64(cfg.MaxMessageBytes))
 	_ = w.ws.SetReadDeadline(time.Now().Add(cfg.PongTimeout))
-	w.ws.SetPongHandler(func(string) error {
+	w.ws.SetPongHandler(func(payload string) error {
 		_ = w.ws.SetReadDeadline(time.Now().Add(cfg.PongTimeout))
+		if seq, err := strconv.ParseUint(payload, 10, 64); err == nil && seq > w.confirmed.Load() {
+			w.confirmed.Store(seq) // only this goroutine stores
+		}
 		if w.presence != nil {
 			w.srv.svc.Presence.Pong(w.presence)
 		}

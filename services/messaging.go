@@ -26,11 +26,11 @@ import (
 // flag) claim it in FIFO order. A connection leaves backlog mode only after
 // a drain at a status that takes every priority found nothing more. Every
 // pushed, unacked row sits in its connection's inflight set until a
-// client_ack, until the socket closes (its claim is released, so the next
-// socket gets it: D2, M3), or until the claim lease runs out: a connection
-// that has ever acked gets it again (D4, at-least-once for the daemon, which
-// dedupes), one that never acked has it marked delivered (exactly once for
-// the SDK and load tools, M3).
+// client_ack, until the socket closes, or until the claim lease runs out. A
+// connection that has ever acked gets such a row again, on this socket at
+// claim expiry or on its next socket (D4, M3: at-least-once for the daemon,
+// which dedupes); one that never acked has it marked delivered (M3: never
+// twice for the SDK and load tools).
 //
 // Concurrency: deliveries (presence id -> *delivery) is guarded by mu; each
 // delivery's fields by its own mu. Neither lock is held across I/O or while
@@ -49,7 +49,10 @@ type MessagingService struct {
 	audit    Auditor
 	limiter  *TokenBuckets
 
+	drains sync.WaitGroup // running drain goroutines
+
 	mu         sync.Mutex
+	stopped    bool // set by Stop: no new drains
 	deliveries map[string]*delivery
 	accepting  map[string]*acceptWait // mesh|member|client id -> send in flight
 }
@@ -61,8 +64,15 @@ type delivery struct {
 	draining  bool                 // a drain goroutine is running
 	dirty     bool                 // a trigger arrived while draining: run once more
 	backlog   bool                 // unclaimed rows for this connection may exist
-	everAcked bool                 // the client has sent at least one client_ack
-	inflight  map[string]time.Time // pushed, unacked row id -> claim expiry
+	everAcked bool                // the client has sent at least one client_ack
+	inflight  map[string]inflight // pushed, unacked row id -> where and until when
+}
+
+// inflight is one pushed, unacked row: the socket it went to and when its
+// claim runs out.
+type inflight struct {
+	out Outbox
+	exp time.Time
 }
 
 type acceptWait struct {
@@ -91,7 +101,7 @@ func (m *MessagingService) deliveryFor(c *Conn) *delivery {
 	defer m.mu.Unlock()
 	d := m.deliveries[c.PresenceID]
 	if d == nil {
-		d = &delivery{conn: c, inflight: map[string]time.Time{}, backlog: true}
+		d = &delivery{conn: c, inflight: map[string]inflight{}, backlog: true}
 		m.deliveries[c.PresenceID] = d
 	}
 	return d
@@ -113,22 +123,54 @@ func (m *MessagingService) attached(c *Conn, _ bool) {
 	m.trigger(d)
 }
 
-// detached: the socket closed and the lease is offline. Whatever was
-// pushed but not acked may not have arrived: release it for the next socket.
-func (m *MessagingService) detached(c *Conn) {
+// detached: the socket closed and the lease is offline. unsent are the
+// pushes the socket cannot vouch for (never written, or written but not
+// followed by a pong): they may not have arrived, so they are released. A
+// client that acks gets every unacked push again (M3: every message until it
+// acks it); for one that never acked, a push the peer provably read past is
+// marked delivered, since such a client must never see a message twice (M3).
+// Released rows may be member-key DMs another connection can take now.
+func (m *MessagingService) detached(c *Conn, out Outbox, unsent []string) {
 	d := m.lookup(c.PresenceID)
 	if d == nil {
 		return
 	}
-	d.mu.Lock()
-	ids := make([]string, 0, len(d.inflight))
-	for id := range d.inflight {
-		ids = append(ids, id)
+	notSent := make(map[string]bool, len(unsent))
+	for _, id := range unsent {
+		notSent[id] = true
 	}
-	clear(d.inflight)
+	d.mu.Lock()
+	var release, delivered []string
+	for id, f := range d.inflight {
+		if f.out != out {
+			continue // went to another socket of this presence (takeover)
+		}
+		if d.everAcked || notSent[id] {
+			release = append(release, id)
+		} else {
+			delivered = append(delivered, id)
+		}
+		delete(d.inflight, id)
+	}
 	d.backlog = true
 	d.mu.Unlock()
+	for _, id := range delivered {
+		m.queue.MarkDeliveredAsync(id)
+	}
+	m.releaseFor(c, release)
+}
+
+// releaseFor releases rows c could not take and drains every connection of
+// c's member: a reattach may have drained before the release, and siblings
+// may take member-key rows. A drain is a no-op for an offline connection.
+func (m *MessagingService) releaseFor(c *Conn, ids []string) {
+	if len(ids) == 0 {
+		return
+	}
 	m.release(ids)
+	for _, v := range m.presence.ByKey(c.MeshID, c.MemberPubkey, nil) {
+		m.TriggerDrain(v.Conn.PresenceID)
+	}
 }
 
 func (m *MessagingService) evicted(c *Conn) {
@@ -180,9 +222,29 @@ func (m *MessagingService) trigger(d *delivery) {
 		d.mu.Unlock()
 		return
 	}
+	m.mu.Lock()
+	if m.stopped {
+		m.mu.Unlock()
+		d.mu.Unlock()
+		return
+	}
+	m.drains.Add(1)
+	m.mu.Unlock()
 	d.draining = true
 	d.mu.Unlock()
-	go m.drain(d)
+	go func() {
+		defer m.drains.Done()
+		m.drain(d)
+	}()
+}
+
+// Stop refuses new drains and waits for the running ones; the broker calls
+// it after every socket is closed, before the queue writers stop.
+func (m *MessagingService) Stop() {
+	m.mu.Lock()
+	m.stopped = true
+	m.mu.Unlock()
+	m.drains.Wait()
 }
 
 // drain claims and pushes every eligible row for one connection, in FIFO
@@ -291,11 +353,11 @@ func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Out
 			d.backlog = true
 			break
 		}
-		d.inflight[r.ID] = expiry
+		d.inflight[r.ID] = inflight{out: out, exp: expiry}
 		m.metrics.MessagesRouted.WithLabelValues(r.Priority).Inc()
 	}
 	d.mu.Unlock()
-	m.release(unsent)
+	m.releaseFor(d.conn, unsent)
 }
 
 // senderKeys resolves member ids to member pubkeys for rows that carry no
@@ -328,8 +390,8 @@ func (m *MessagingService) SweepInflight(now time.Time) {
 	for _, d := range ds {
 		var redrain bool
 		d.mu.Lock()
-		for id, exp := range d.inflight {
-			if exp.After(now) {
+		for id, f := range d.inflight {
+			if f.exp.After(now) {
 				continue
 			}
 			delete(d.inflight, id)

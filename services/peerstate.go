@@ -119,12 +119,14 @@ func (p *PresenceService) savePeerStateCtx(ctx context.Context, s peerStateSnaps
 	if err != nil {
 		return fmt.Errorf("upsert peer state: %w", err)
 	}
-	var summaries []*string
-	if err := p.db.WithContext(ctx).Raw("SELECT summary FROM "+p.db.Table("presence")+" WHERE member_id = ? AND disconnected_at IS NULL LIMIT 1", s.memberID).Scan(&summaries).Error; err != nil {
+	// Any live row of the member with a summary, as the reference reads it
+	// (rows without one are skipped so a NULL does not hide a summary).
+	var summaries []struct{ Summary *string }
+	if err := p.db.WithContext(ctx).Raw("SELECT summary FROM "+p.db.Table("presence")+" WHERE member_id = ? AND disconnected_at IS NULL AND summary IS NOT NULL AND summary <> '' LIMIT 1", s.memberID).Scan(&summaries).Error; err != nil {
 		return fmt.Errorf("read summary for peer state: %w", err)
 	}
-	if len(summaries) > 0 && summaries[0] != nil && *summaries[0] != "" {
-		if err := p.db.WithContext(ctx).Exec("UPDATE "+tbl+" SET last_summary = ?, updated_at = ? WHERE mesh_id = ? AND member_id = ?", *summaries[0], now, s.meshID, s.memberID).Error; err != nil {
+	if len(summaries) > 0 && summaries[0].Summary != nil {
+		if err := p.db.WithContext(ctx).Exec("UPDATE "+tbl+" SET last_summary = ?, updated_at = ? WHERE mesh_id = ? AND member_id = ?", *summaries[0].Summary, now, s.meshID, s.memberID).Error; err != nil {
 			return fmt.Errorf("save last summary: %w", err)
 		}
 	}

@@ -41,8 +41,9 @@ type PresenceService struct {
 	now     func() time.Time
 
 	onAttach []func(c *Conn, fresh bool)
-	onDetach []func(c *Conn)
+	onDetach []func(c *Conn, out Outbox, unsent []string)
 	onEvict  []evictHook
+	bg       sync.WaitGroup // savePeerState writes started by Closed
 
 	mu       sync.RWMutex
 	conns    map[string]*Conn            // presenceID -> entry
@@ -147,6 +148,9 @@ type Outbox interface {
 	Offer(f protocol.Frame) bool
 	Close(c protocol.Close)
 	Terminate()
+	// Unsent lists the messageIds of queue pushes that were offered but
+	// never handed to the socket. Only meaningful after the socket closed.
+	Unsent() []string
 }
 
 // PeerView is a copy of a presence's routing-relevant state, taken under
@@ -174,9 +178,13 @@ func NewPresenceService(cfg config.Config, db *models.DB, log *slog.Logger, metr
 // was offered. Call during wiring only.
 func (p *PresenceService) OnAttach(fn func(c *Conn, fresh bool)) { p.onAttach = append(p.onAttach, fn) }
 
-// OnDetach registers fn to run when a presence's socket closes and it enters
-// its grace window. Call during wiring only.
-func (p *PresenceService) OnDetach(fn func(c *Conn)) { p.onDetach = append(p.onDetach, fn) }
+// OnDetach registers fn to run when a socket of a registered presence
+// closes: the presence's own socket (it enters its grace window) or one a
+// takeover already replaced. unsent lists the queue pushes that socket
+// cannot vouch for. Call during wiring only.
+func (p *PresenceService) OnDetach(fn func(c *Conn, out Outbox, unsent []string)) {
+	p.onDetach = append(p.onDetach, fn)
+}
 
 // OnEvict registers a cleanup that runs exactly once per presence, on every
 // removal path (lease expiry, dedup, kick, disconnect, ban), and never on a
@@ -350,8 +358,18 @@ func (p *PresenceService) Closed(c *Conn, out Outbox) {
 		return
 	}
 	p.mu.Lock()
-	if p.shutdown || p.conns[c.PresenceID] != c || c.out != out {
-		p.mu.Unlock() // stopping, replaced by a reattach, or already evicted: nothing to do
+	if p.shutdown || p.conns[c.PresenceID] != c {
+		p.mu.Unlock() // stopping, or already evicted: nothing to do
+		return
+	}
+	if c.out != out {
+		// A takeover replaced this socket: the lease is healthy on the new
+		// one. Only what this socket was given needs settling.
+		p.mu.Unlock()
+		unsent := out.Unsent()
+		for _, fn := range p.onDetach {
+			fn(c, out, unsent)
+		}
 		return
 	}
 	if !c.online { // cannot happen: a closed socket is only closed once
@@ -371,11 +389,16 @@ func (p *PresenceService) Closed(c *Conn, out Outbox) {
 	p.mu.Unlock()
 
 	p.log.Info("ws grace start", "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()), "lease_ms", p.cfg.LeaseTTL.Milliseconds())
+	unsent := out.Unsent()
 	for _, fn := range p.onDetach {
-		fn(c)
+		fn(c, out, unsent)
 	}
-	go p.savePeerState(snap)
+	p.bg.Go(func() { p.savePeerState(snap) })
 }
+
+// Wait blocks until the background writes Closed started have finished;
+// the broker calls it after every socket is gone, before closing storage.
+func (p *PresenceService) Wait() { p.bg.Wait() }
 
 // expire is the lease timer: it evicts unless a reattach moved the
 // generation on.

@@ -67,7 +67,7 @@ func LoadResumeKey(ctx context.Context, db *models.DB, seedHex string) (ed25519.
 		return nil, fmt.Errorf("store resume key: %w", err)
 	}
 	var stored []string
-	if err := db.WithContext(ctx).Raw("SELECT value FROM "+tbl+" WHERE key = 'resume_token_seed'").Scan(&stored).Error; err != nil || len(stored) != 1 {
+	if err := db.WithContext(ctx).Raw("SELECT value FROM " + tbl + " WHERE key = 'resume_token_seed'").Scan(&stored).Error; err != nil || len(stored) != 1 {
 		return nil, fmt.Errorf("read resume key: %v", err)
 	}
 	return LoadResumeKey(ctx, db, stored[0])

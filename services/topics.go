@@ -41,6 +41,16 @@ func (m *MessagingService) sendTopic(ctx context.Context, sender *Conn, req Send
 		return fmt.Errorf("look up topic: %w", err)
 	}
 	if len(topics) == 0 {
+		// [EXT] `#name`, as the SDK's bridge sends: resolve it within the
+		// sender's mesh and store the canonical `#<id>` target.
+		if id, err := m.resolveTopic(ctx, sender.MeshID, topicID); err == nil {
+			if err := db.WithContext(ctx).Raw("SELECT id, mesh_id, name FROM "+db.Table("topic")+" WHERE id = ?", id).Scan(&topics).Error; err != nil {
+				return fmt.Errorf("look up topic: %w", err)
+			}
+			topicID, row.TargetSpec = id, "#"+id
+		}
+	}
+	if len(topics) == 0 {
 		reply(rejectAck(req.ID, "not_found: topic "+topicID))
 		return nil
 	}
