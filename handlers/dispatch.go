@@ -413,12 +413,14 @@ func handleAuditQuery(ctx context.Context, w *wsConn, h protocol.Head, data []by
 	if err != nil {
 		return nil, err
 	}
-	q := services.AuditQuery{Limit: 50}
-	if len(f.Limit) > 0 {
-		if v, ok := protocol.RawNumber(f.Limit); ok && v >= 0 && v == float64(int(v)) {
+	q := services.NewAuditQuery()
+	if len(f.Limit) > 0 && string(f.Limit) != "null" {
+		// A negative limit means "no limit" in the reference; the service
+		// caps every answer at 500 rows (A3).
+		if v, ok := protocol.RawNumber(f.Limit); ok && v == float64(int(v)) {
 			q.Limit = int(v)
 		} else {
-			return nil, &services.Error{Code: protocol.CodeAuditQueryError, Msg: "limit must be a non-negative integer"}
+			return nil, &services.Error{Code: protocol.CodeAuditQueryError, Msg: "limit must be an integer"}
 		}
 	}
 	if len(f.Offset) > 0 {
