@@ -121,7 +121,10 @@ func TestDirectMessageLifecycle(t *testing.T) {
 // 02 §12 scenario 4 [GO-D4]: a client that never acks and stays connected
 // never sees a message twice; the row is marked delivered at lease expiry.
 func TestNonAckingClientExactlyOnce(t *testing.T) {
-	b := startTestBroker(t, func(c *config.Config) { c.ClaimLease = 200 * time.Millisecond; c.ClaimReapInterval = 20 * time.Millisecond })
+	b := startTestBroker(t, func(c *config.Config) {
+		c.ClaimLease = 200 * time.Millisecond
+		c.ClaimReapInterval = 20 * time.Millisecond
+	})
 	m := b.msgFixture()
 	first := dm(t, m.a1, m.sa1, m.sb1, "now", "one")
 	waitFrame(t, m.b1, 2*time.Second, isMessage)

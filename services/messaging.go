@@ -61,9 +61,9 @@ type delivery struct {
 	conn *Conn // static
 
 	mu        sync.Mutex
-	draining  bool                 // a drain goroutine is running
-	dirty     bool                 // a trigger arrived while draining: run once more
-	backlog   bool                 // unclaimed rows for this connection may exist
+	draining  bool                // a drain goroutine is running
+	dirty     bool                // a trigger arrived while draining: run once more
+	backlog   bool                // unclaimed rows for this connection may exist
 	everAcked bool                // the client has sent at least one client_ack
 	inflight  map[string]inflight // pushed, unacked row id -> where and until when
 }
