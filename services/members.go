@@ -27,6 +27,7 @@ type MemberDirectory struct {
 
 	mu     sync.Mutex
 	grants map[string]grantsEntry // meshID -> member pubkey -> grants
+	keys   map[string]string      // member id -> peer_pubkey; a member's key never changes
 }
 
 type grantsEntry struct {
@@ -71,7 +72,7 @@ func (m *MeshRow) Label() string {
 
 // NewMemberDirectory makes a directory whose grant cache lives cacheTTL.
 func NewMemberDirectory(db *models.DB, now func() time.Time, cacheTTL time.Duration) *MemberDirectory {
-	return &MemberDirectory{db: db, now: now, cacheTTL: cacheTTL, grants: map[string]grantsEntry{}}
+	return &MemberDirectory{db: db, now: now, cacheTTL: cacheTTL, grants: map[string]grantsEntry{}, keys: map[string]string{}}
 }
 
 const memberColumns = "id, mesh_id, user_id, peer_pubkey, display_name, role, role_tag, default_groups, message_mode, revoked_at, peer_grants"
@@ -108,6 +109,28 @@ func (d *MemberDirectory) ByID(ctx context.Context, id string) (*MemberRow, erro
 		return nil, nil
 	}
 	return &rows[0], nil
+}
+
+// Pubkey returns a member's peer_pubkey (cached: drains resolve the sender
+// of every row without a session key), or "" for an unknown member.
+func (d *MemberDirectory) Pubkey(ctx context.Context, memberID string) (string, error) {
+	d.mu.Lock()
+	k, ok := d.keys[memberID]
+	d.mu.Unlock()
+	if ok {
+		return k, nil
+	}
+	m, err := d.ByID(ctx, memberID)
+	if err != nil || m == nil {
+		return "", err
+	}
+	d.mu.Lock()
+	if len(d.keys) > 100_000 { // bound the cache; refilling is one query per member
+		clear(d.keys)
+	}
+	d.keys[memberID] = m.PeerPubkey
+	d.mu.Unlock()
+	return m.PeerPubkey, nil
 }
 
 // Mesh returns the mesh row, or nil.

@@ -370,8 +370,8 @@ func (m *MessagingService) senderKeys(ctx context.Context, rows []ClaimedRow) ma
 		}
 	}
 	for id := range keys {
-		if mem, err := m.members.ByID(ctx, id); err == nil && mem != nil {
-			keys[id] = mem.PeerPubkey
+		if k, err := m.members.Pubkey(ctx, id); err == nil {
+			keys[id] = k
 		}
 	}
 	return keys
