@@ -10,6 +10,7 @@ import (
 	"net"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -521,3 +522,47 @@ func reopen(t *testing.T, old *testBroker) *testBroker {
 }
 
 var _ = context.Background
+
+// Bad input of every kind before and at hello: always the documented
+// error, never a panic, a leaked goroutine or a row.
+func TestBadHelloFlood(t *testing.T) {
+	b := startTestBroker(t)
+	f := b.fixture()
+	base := runtime.NumGoroutine()
+	frames := []string{
+		`{`, `[]`, `"hello"`, `{"type":"hello"}`, `{"type":"hello","pubkey":5}`,
+		`{"type":"hello","meshId":"` + f.meshID + `","pubkey":"` + f.a.Pubkey() + `","timestamp":1,"signature":"00"}`,
+		`{"type":"session_hello","meshId":"` + f.meshID + `","sessionPubkey":"` + strings.Repeat("a", 64) + `","parentMemberPubkey":"` + f.a.Pubkey() + `","parentAttestation":"x"}`,
+		`{"type":"session_hello","parentAttestation":{"expiresAt":"soon"}}`,
+		`{"type":"hello","groups":"eng","sessionPubkey":[],"timestamp":{}}`,
+	}
+	var wg sync.WaitGroup
+	for i := range 100 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ws, err := client.Dial(ctxT(t), b.url(), nil)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer ws.Close()
+			_ = ws.WriteMessage(websocket.TextMessage, []byte(frames[i%len(frames)]))
+			_ = ws.SetReadDeadline(time.Now().Add(3 * time.Second))
+			_, data, err := ws.ReadMessage()
+			if err != nil || !strings.Contains(string(data), `"type":"error"`) {
+				t.Errorf("frame %q: %s %v", frames[i%len(frames)], data, err)
+			}
+		}()
+	}
+	wg.Wait()
+	var n int64
+	b.query(&n, "SELECT count(*) FROM {presence}")
+	if n != 0 {
+		t.Fatalf("%d presence rows from bad hellos", n)
+	}
+	if _, err := b.tryConnect(f.a, client.Options{}); err != nil {
+		t.Fatalf("broker unusable after the flood: %v", err)
+	}
+	goroutinesSettle(t, base, 15)
+}
