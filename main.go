@@ -101,6 +101,7 @@ type broker struct {
 	server    *handlers.Server
 	ln        net.Listener
 
+	now       func() time.Time
 	stopJobs  context.CancelFunc
 	jobs      sync.WaitGroup
 	served    chan error
@@ -111,6 +112,12 @@ type broker struct {
 // startBroker opens storage, bootstraps the schema, wires the services and
 // starts listening; it returns once the port is bound.
 func startBroker(ctx context.Context, cfg config.Config, logger *slog.Logger) (*broker, error) {
+	return startBrokerWithClock(ctx, cfg, logger, time.Now)
+}
+
+// startBrokerWithClock is startBroker with the services' clock injected
+// (tests move it forward to refill rate limits without sleeping).
+func startBrokerWithClock(ctx context.Context, cfg config.Config, logger *slog.Logger, now func() time.Time) (*broker, error) {
 	db, err := models.Open(ctx, cfg.DatabaseURL, cfg.DataDir, logger)
 	if err != nil {
 		return nil, err
@@ -119,7 +126,7 @@ func startBroker(ctx context.Context, cfg config.Config, logger *slog.Logger) (*
 		db.Close()
 		return nil, err
 	}
-	b, err := newBroker(cfg, logger, db)
+	b, err := newBroker(cfg, logger, db, now)
 	if err != nil {
 		db.Close()
 		return nil, err
@@ -128,9 +135,8 @@ func startBroker(ctx context.Context, cfg config.Config, logger *slog.Logger) (*
 }
 
 // newBroker wires services on an open, bootstrapped database and listens.
-func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB) (*broker, error) {
-	now := time.Now
-	b := &broker{cfg: cfg, log: logger, db: db, metrics: services.NewMetrics(), served: make(chan error, 1)}
+func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB, now func() time.Time) (*broker, error) {
+	b := &broker{cfg: cfg, log: logger, db: db, metrics: services.NewMetrics(), served: make(chan error, 1), now: now}
 	b.health = services.NewHealthService(db, logger, b.metrics, cfg.DBHealthInterval)
 	b.audit = services.NewAuditService(db, logger, b.metrics, now)
 	members := services.NewMemberDirectory(db, now, cfg.MemberCacheTTL)
@@ -220,7 +226,7 @@ func (b *broker) startJobs(ctx context.Context) {
 	b.every(ctx, "status ttl sweep", cfg.StatusSweepInterval, func(ctx context.Context) error { _, err := b.status.SweepTTL(ctx); return err })
 	b.every(ctx, "pending status sweep", cfg.PendingSweepInterval, b.status.SweepPending)
 	b.every(ctx, "claim reaper", cfg.ClaimReapInterval, func(ctx context.Context) error {
-		b.messaging.SweepInflight(time.Now())
+		b.messaging.SweepInflight(b.now())
 		return b.messaging.ReapAndRedrain(ctx)
 	})
 	b.every(ctx, "orphan sweep", cfg.OrphanSweepInterval, func(ctx context.Context) error { _, err := b.queue.SweepOrphans(ctx); return err })

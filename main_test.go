@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,9 +30,20 @@ import (
 
 type testBroker struct {
 	*broker
-	t   *testing.T
-	cfg config.Config
+	t     *testing.T
+	cfg   config.Config
+	clock *offsetClock
 }
+
+// offsetClock is the real clock plus an offset a test can move forward, so
+// token buckets refill without the test sleeping; timers still run in real
+// time.
+type offsetClock struct{ offset atomic.Int64 }
+
+func (c *offsetClock) now() time.Time { return time.Now().Add(time.Duration(c.offset.Load())) }
+
+// advance moves the broker's clock forward by d.
+func (b *testBroker) advance(d time.Duration) { b.clock.offset.Add(int64(d)) }
 
 // testConfig is the default config with a free port, the test's storage,
 // the send limiter off and every timer short.
@@ -46,7 +58,7 @@ func testConfig(t *testing.T) config.Config {
 	cfg.SendRatePerMin = 0
 	cfg.HelloTimeout = 5 * time.Second
 	cfg.LeaseTTL = 2 * time.Second
-	cfg.ClaimLease = 3 * time.Second
+	cfg.ClaimLease = 30 * time.Second // the reference's; tests of expiry shrink it
 	cfg.ClaimReapInterval = 100 * time.Millisecond
 	cfg.DBHealthInterval = 50 * time.Millisecond
 	cfg.QueueDepthInterval = 50 * time.Millisecond
@@ -75,11 +87,12 @@ func startWithConfig(t *testing.T, cfg config.Config) *testBroker {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	b, err := startBroker(ctx, cfg, testLogger(t))
+	clock := &offsetClock{}
+	b, err := startBrokerWithClock(ctx, cfg, testLogger(t), clock.now)
 	if err != nil {
 		t.Fatalf("start broker: %v", err)
 	}
-	tb := &testBroker{broker: b, t: t, cfg: cfg}
+	tb := &testBroker{broker: b, t: t, cfg: cfg, clock: clock}
 	var once sync.Once
 	t.Cleanup(func() { once.Do(func() { tb.stop() }) })
 	return tb

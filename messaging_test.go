@@ -372,7 +372,7 @@ func TestSendRejections(t *testing.T) {
 
 // 02 §12 scenario 11: the per-member token bucket.
 func TestSendRateLimit(t *testing.T) {
-	b := startTestBroker(t, func(c *config.Config) { c.SendRatePerMin, c.SendRateBurst = 600, 10 })
+	b := startTestBroker(t, func(c *config.Config) { c.SendRatePerMin, c.SendRateBurst = 60, 10 })
 	m := b.msgFixture()
 	var mu sync.Mutex
 	var ok, limited int
@@ -404,7 +404,7 @@ func TestSendRateLimit(t *testing.T) {
 	if ack, _ := a2.Send(ctxT(t), client.SendRequest{TargetSpec: "*", Nonce: "", Ciphertext: ""}); ack.Queued {
 		t.Fatal("sibling has its own bucket")
 	}
-	time.Sleep(150 * time.Millisecond) // one token refills every 100 ms at 600/min
+	b.advance(time.Second) // one token refills per second at 60/min
 	if ack, _ := a2.Send(ctxT(t), client.SendRequest{TargetSpec: "*", Nonce: "", Ciphertext: ""}); !ack.Queued {
 		t.Fatalf("no refill: %+v", ack)
 	}

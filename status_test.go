@@ -156,8 +156,8 @@ func TestStatusTTLSweeper(t *testing.T) {
 
 // 03 §12 scenario 13: the hook rate limit, per (pid, cwd), then recovery.
 func TestHookRateLimit(t *testing.T) {
-	b := startTestBroker(t, func(c *config.Config) { c.HookRateLimitPerMin = 120 })
-	for i := range 120 {
+	b := startTestBroker(t, func(c *config.Config) { c.HookRateLimitPerMin = 5 })
+	for i := range 5 {
 		if code, _ := postHook(t, b, `{"cwd":"/rate-test","pid":42,"status":"idle"}`); code != 200 {
 			t.Fatalf("request %d: %d", i, code)
 		}
@@ -169,12 +169,12 @@ func TestHookRateLimit(t *testing.T) {
 	if code, _ := postHook(t, b, `{"cwd":"/other","pid":42,"status":"idle"}`); code != 200 {
 		t.Fatal("another key was limited")
 	}
-	time.Sleep(550 * time.Millisecond) // 120/min refills one token per 500 ms
+	b.advance(12 * time.Second) // 5/min refills one token in 12 s
 	if code, _ := postHook(t, b, `{"cwd":"/rate-test","pid":42,"status":"idle"}`); code != 200 {
 		t.Fatal("no recovery")
 	}
 	_, _, body := httpDo(t, "GET", b.httpURL("/metrics"), "")
-	if !strings.Contains(body, "broker_hook_requests_rate_limited_total 1\n") || !strings.Contains(body, "broker_hook_requests_total 123\n") {
+	if !strings.Contains(body, "broker_hook_requests_rate_limited_total 1\n") || !strings.Contains(body, "broker_hook_requests_total 8\n") {
 		t.Fatalf("hook metrics:\n%s", grepLines(body, "broker_hook"))
 	}
 }

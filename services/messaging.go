@@ -445,8 +445,9 @@ func (m *MessagingService) ClientAck(ctx context.Context, c *Conn, brokerID, cli
 		if mine && (clientID == "" || clientID == brokerID) {
 			// Our own push to this connection: the target check already
 			// held when it was claimed, so a batched mark by id is enough.
-			m.queue.MarkDeliveredAsync(brokerID)
-			return nil
+			// It is waited for, so the row cannot be claimed again between
+			// this ack and its commit.
+			return m.queue.MarkDeliveredWait(ctx, brokerID)
 		}
 	}
 	n, err := m.queue.AckByClient(ctx, c.MeshID, brokerID, clientID, c.MemberPubkey, c.SessionPubkey)

@@ -35,7 +35,7 @@ type QueueService struct {
 	now     func() time.Time
 
 	inserts   chan *insertReq
-	delivered chan string
+	delivered chan markReq
 	stopOnce  sync.Once
 	stop      chan struct{}
 	wg        sync.WaitGroup
@@ -71,11 +71,17 @@ type insertReq struct {
 	done chan error
 }
 
+// markReq is one delivered mark; done (optional) learns when it committed.
+type markReq struct {
+	id   string
+	done chan error
+}
+
 // NewQueueService makes the queue; Start runs its writers.
 func NewQueueService(cfg config.Config, db *models.DB, log *slog.Logger, metrics *Metrics, now func() time.Time) *QueueService {
 	return &QueueService{
 		cfg: cfg, db: db, log: log.With("svc", "queue"), metrics: metrics, now: now,
-		inserts: make(chan *insertReq, 4096), delivered: make(chan string, 8192), stop: make(chan struct{}),
+		inserts: make(chan *insertReq, 4096), delivered: make(chan markReq, 8192), stop: make(chan struct{}),
 	}
 }
 
@@ -221,17 +227,41 @@ func utcPtr(t *time.Time) *time.Time {
 // and whose target the acker was entitled to; the mark loop batches them.
 func (q *QueueService) MarkDeliveredAsync(id string) {
 	select {
-	case q.delivered <- id:
+	case q.delivered <- markReq{id: id}:
 	case <-q.stop:
+	}
+}
+
+// MarkDeliveredWait is MarkDeliveredAsync that returns once the mark is
+// committed, batched with every other mark waiting at the time.
+func (q *QueueService) MarkDeliveredWait(ctx context.Context, id string) error {
+	req := markReq{id: id, done: make(chan error, 1)}
+	select {
+	case q.delivered <- req:
+	case <-q.stop:
+		return errQueueStopped
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
 func (q *QueueService) markLoop() {
 	defer q.wg.Done()
+	batch := make([]markReq, 0, maxMarkBatch)
 	ids := make([]string, 0, maxMarkBatch)
 	flush := func() {
-		if len(ids) == 0 {
+		if len(batch) == 0 {
 			return
+		}
+		ids = ids[:0]
+		for _, r := range batch {
+			ids = append(ids, r.id)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		n, err := q.MarkDelivered(ctx, ids)
@@ -240,17 +270,22 @@ func (q *QueueService) markLoop() {
 			q.log.Error("mark delivered", "rows", len(ids), "err", err)
 		}
 		q.metrics.DeliveredOnce.Add(float64(n))
-		ids = ids[:0]
+		for _, r := range batch {
+			if r.done != nil {
+				r.done <- err
+			}
+		}
+		batch = batch[:0]
 	}
 	for {
 		select {
-		case id := <-q.delivered:
-			ids = append(ids, id)
+		case r := <-q.delivered:
+			batch = append(batch, r)
 		fill:
-			for len(ids) < maxMarkBatch {
+			for len(batch) < maxMarkBatch {
 				select {
-				case id := <-q.delivered:
-					ids = append(ids, id)
+				case r := <-q.delivered:
+					batch = append(batch, r)
 				default:
 					break fill
 				}
@@ -259,8 +294,8 @@ func (q *QueueService) markLoop() {
 		case <-q.stop:
 			for {
 				select {
-				case id := <-q.delivered:
-					ids = append(ids, id)
+				case r := <-q.delivered:
+					batch = append(batch, r)
 				default:
 					flush()
 					return
