@@ -308,7 +308,7 @@ func TestTwoSessionsOneInGrace(t *testing.T) {
 // Many sessions flapping at once leave no timers or goroutines behind and
 // every one of them reattaches.
 func TestManySessionsFlapping(t *testing.T) {
-	b := startTestBroker(t, withLease(2*time.Second))
+	b := startTestBroker(t, withLease(20*time.Second))
 	f := b.fixture()
 	base := runtime.NumGoroutine()
 	const n = 40

@@ -52,7 +52,8 @@ type MessagingService struct {
 	drains sync.WaitGroup // running drain goroutines
 
 	mu         sync.Mutex
-	stopped    bool // set by Stop: no new drains
+	stopped    bool      // set by Stop: no new drains
+	multicast  recentIDs // ids of multicast rows, stored delivered: their acks need no query
 	deliveries map[string]*delivery
 	accepting  map[string]*acceptWait // mesh|member|client id -> send in flight
 }
@@ -88,6 +89,7 @@ func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, 
 		status: status, members: members, audit: audit,
 		limiter:    NewTokenBuckets(cfg.SendRateBurst, cfg.SendRatePerMin, now),
 		deliveries: map[string]*delivery{}, accepting: map[string]*acceptWait{},
+		multicast: newRecentIDs(1 << 16),
 	}
 	presence.OnAttach(m.attached)
 	presence.OnDetach(m.detached)
@@ -450,6 +452,14 @@ func (m *MessagingService) ClientAck(ctx context.Context, c *Conn, brokerID, cli
 			return m.queue.MarkDeliveredWait(ctx, brokerID)
 		}
 	}
+	if clientID == "" || clientID == brokerID {
+		m.mu.Lock()
+		known := m.multicast.has(brokerID)
+		m.mu.Unlock()
+		if known {
+			return nil // a multicast row is stored delivered (D3): nothing to close
+		}
+	}
 	n, err := m.queue.AckByClient(ctx, c.MeshID, brokerID, clientID, c.MemberPubkey, c.SessionPubkey)
 	if err != nil {
 		return err
@@ -777,6 +787,9 @@ func (m *MessagingService) sendMulticast(ctx context.Context, sender *Conn, req 
 	if err := m.store(ctx, sender, req, row, reply); err != nil {
 		return err
 	}
+	m.mu.Lock()
+	m.multicast.add(row.ID)
+	m.mu.Unlock()
 	grants, err := m.members.Grants(ctx, sender.MeshID)
 	if err != nil {
 		return err
@@ -833,3 +846,29 @@ func senderKey(c *Conn) string {
 
 // GCBuckets drops idle send rate-limit buckets.
 func (m *MessagingService) GCBuckets() { m.limiter.GC(m.cfg.RateLimitIdle) }
+
+// recentIDs is a bounded set that forgets its oldest ids first. Not safe
+// for concurrent use: the owner's lock guards it.
+type recentIDs struct {
+	set  map[string]struct{}
+	ring []string
+	next int
+}
+
+func newRecentIDs(n int) recentIDs {
+	return recentIDs{set: make(map[string]struct{}, n), ring: make([]string, n)}
+}
+
+func (r *recentIDs) add(id string) {
+	if old := r.ring[r.next]; old != "" {
+		delete(r.set, old)
+	}
+	r.ring[r.next] = id
+	r.set[id] = struct{}{}
+	r.next = (r.next + 1) % len(r.ring)
+}
+
+func (r *recentIDs) has(id string) bool {
+	_, ok := r.set[id]
+	return ok
+}
