@@ -651,3 +651,20 @@ func TestNoDuplicatesUnderLoad(t *testing.T) {
 		}
 	}
 }
+
+// A client that acks and had a push in flight when the broker stopped gets
+// it from the next broker at once, not after the claim lease.
+func TestInflightReleasedAtShutdown(t *testing.T) {
+	b := startTestBroker(t)
+	m := b.msgFixture()
+	_ = m.b1.ClientAck("", "warm-up")
+	_, _ = m.b1.ListPeers(ctxT(t)) // the ack above is processed
+	ack := dm(t, m.a1, m.sa1, m.sb1, "now", "in flight")
+	waitFrame(t, m.b1, 2*time.Second, isMessage) // pushed, never acked
+	b.stop()
+	b2 := reopen(t, b)
+	back := b2.connect(m.b, client.Options{Session: &m.sb1, SessionID: "b1"})
+	if p := decodePush(t, waitFrame(t, back, 2*time.Second, isMessage)); p.MessageID != ack.MessageID {
+		t.Fatalf("got %s, want %s", p.MessageID, ack.MessageID)
+	}
+}

@@ -240,13 +240,35 @@ func (m *MessagingService) trigger(d *delivery) {
 	}()
 }
 
-// Stop refuses new drains and waits for the running ones; the broker calls
-// it after every socket is closed, before the queue writers stop.
+// Stop refuses new drains, waits for the running ones and settles what is
+// in flight as a socket close would (leases do not survive a restart): a
+// client that acks gets its unacked pushes again from the next broker at
+// once instead of after the claim lease; one that never acked has them
+// marked delivered. The broker calls it after every socket is closed,
+// before the queue writers stop.
 func (m *MessagingService) Stop() {
 	m.mu.Lock()
 	m.stopped = true
+	ds := make([]*delivery, 0, len(m.deliveries))
+	for _, d := range m.deliveries {
+		ds = append(ds, d)
+	}
 	m.mu.Unlock()
 	m.drains.Wait()
+	var release []string
+	for _, d := range ds {
+		d.mu.Lock()
+		for id := range d.inflight {
+			if d.everAcked {
+				release = append(release, id)
+			} else {
+				m.queue.MarkDeliveredAsync(id)
+			}
+		}
+		clear(d.inflight)
+		d.mu.Unlock()
+	}
+	m.release(release)
 }
 
 // drain claims and pushes every eligible row for one connection, in FIFO
