@@ -116,11 +116,13 @@ func TestSilentReattachMember(t *testing.T) {
 	bob := b.connect(f.b, client.Options{})
 	d := b.connect(f.a, client.Options{SessionID: "daemon-1"})
 	d.Kill()
+	b.waitOffline(d.HelloAck.PresenceID)
 	again := b.connect(f.a, client.Options{SessionID: "daemon-1"})
 	if again.HelloAck.PresenceID != d.HelloAck.PresenceID || again.HelloAck.Restored || again.HelloAck.MemberProfile == nil {
 		t.Fatalf("member reattach ack %s", again.AckRaw)
 	}
 	again.Kill()
+	b.waitOffline(again.HelloAck.PresenceID)
 	other := b.connect(f.a, client.Options{SessionID: "daemon-2"})
 	if other.HelloAck.PresenceID == d.HelloAck.PresenceID {
 		t.Fatal("another session id reattached")

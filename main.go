@@ -226,7 +226,9 @@ func (b *broker) startJobs(ctx context.Context) {
 	b.every(ctx, "status ttl sweep", cfg.StatusSweepInterval, func(ctx context.Context) error { _, err := b.status.SweepTTL(ctx); return err })
 	b.every(ctx, "pending status sweep", cfg.PendingSweepInterval, b.status.SweepPending)
 	b.every(ctx, "claim reaper", cfg.ClaimReapInterval, func(ctx context.Context) error {
-		b.messaging.SweepInflight(b.now())
+		if err := b.messaging.SweepInflight(ctx, b.now()); err != nil {
+			return err
+		}
 		return b.messaging.ReapAndRedrain(ctx)
 	})
 	b.every(ctx, "orphan sweep", cfg.OrphanSweepInterval, func(ctx context.Context) error { _, err := b.queue.SweepOrphans(ctx); return err })

@@ -329,3 +329,13 @@ func ctxT(t *testing.T) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+// waitOffline waits until the broker has seen a killed client's socket close
+// (its lease is offline), as a member-key reattach needs.
+func (b *testBroker) waitOffline(presenceID string) {
+	b.t.Helper()
+	waitFor(b.t, 5*time.Second, "lease offline", func() bool {
+		c := b.presence.Get(presenceID)
+		return c != nil && !b.presence.Online(c)
+	})
+}

@@ -77,7 +77,9 @@ func New(cfg config.Config, log *slog.Logger, svc Services, now func() time.Time
 		cfg: cfg, log: log.With("svc", "edge"), svc: svc, started: now(), now: now, baseCtx: ctx, cancel: cancel,
 		socks: map[*wsConn]struct{}{},
 		upgrader: websocket.Upgrader{
-			ReadBufferSize: 4096, WriteBufferSize: 4096,
+			// Small read buffers and pooled write buffers: an idle socket
+			// should cost a few KB, not the library's defaults.
+			ReadBufferSize: 1024, WriteBufferSize: 4096, WriteBufferPool: &sync.Pool{},
 			CheckOrigin: func(*http.Request) bool { return true }, // no Origin check: auth is the signed hello
 		},
 	}

@@ -29,8 +29,8 @@ type wsConn struct {
 	srv     *Server
 	ws      *websocket.Conn
 	log     *slog.Logger
-	out     chan protocol.Frame // never closed: writeLoop exits on closing
-	closing chan struct{}       // closed once, by shutdown()
+	wake    chan struct{} // capacity 1: frames were queued
+	closing chan struct{} // closed once, by shutdown()
 
 	// Written once before closing is closed, read by writeLoop after.
 	closeOnce  sync.Once
@@ -42,6 +42,11 @@ type wsConn struct {
 
 	// Owned by readLoop.
 	presence *services.Conn
+
+	// The outbound queue grows on demand up to cfg.OutboxFrames, so an idle
+	// socket holds no buffer; guarded by qmu.
+	qmu   sync.Mutex
+	queue []protocol.Frame
 
 	// Owned by writeLoop (read by Unsent once the writer has exited).
 	writeSeq uint64        // frames written so far
@@ -65,15 +70,50 @@ func (w *wsConn) Offer(f protocol.Frame) bool {
 		return false
 	default:
 	}
-	select {
-	case w.out <- f:
-		return true
-	default:
+	w.qmu.Lock()
+	n := len(w.queue)
+	if n >= w.srv.cfg.OutboxFrames {
+		w.qmu.Unlock()
 		w.srv.svc.Metrics.SlowConsumers.Inc()
-		w.log.Warn("slow consumer", "queued", len(w.out))
+		w.log.Warn("slow consumer", "queued", n)
 		w.Close(protocol.CloseSlowConsumer)
 		return false
 	}
+	w.queue = append(w.queue, f)
+	w.qmu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default: // the writer is already due to look
+	}
+	return true
+}
+
+// requeue puts frames the writer could not write back at the head of the
+// queue, so Unsent still sees them.
+func (w *wsConn) requeue(frames []protocol.Frame) {
+	if len(frames) == 0 {
+		return
+	}
+	w.qmu.Lock()
+	w.queue = append(append([]protocol.Frame(nil), frames...), w.queue...)
+	w.qmu.Unlock()
+}
+
+// takeQueued hands the writer everything queued, giving it spare (emptied)
+// to reuse, so a busy socket does not allocate per batch.
+func (w *wsConn) takeQueued(spare []protocol.Frame) []protocol.Frame {
+	w.qmu.Lock()
+	defer w.qmu.Unlock()
+	batch := w.queue
+	if len(batch) == 0 {
+		return spare[:0]
+	}
+	clear(spare)
+	w.queue = spare[:0]
+	if cap(spare) > 256 {
+		w.queue = nil // let a burst's large buffer go once the burst is over
+	}
+	return batch
 }
 
 // Close sends c after the frames already offered, then ends the socket.
@@ -106,16 +146,12 @@ func (w *wsConn) Unsent() []string {
 	for _, p := range w.written {
 		ids = append(ids, p.id)
 	}
-	for {
-		select {
-		case f := <-w.out:
-			if id, ok := pushMessageID(f); ok {
-				ids = append(ids, id)
-			}
-		default:
-			return ids
+	for _, f := range w.takeQueued(nil) {
+		if id, ok := pushMessageID(f); ok {
+			ids = append(ids, id)
 		}
 	}
+	return ids
 }
 
 // pushMessageID reads the messageId of a queue push frame, which the
@@ -186,11 +222,16 @@ func (w *wsConn) writeLoop(done chan<- struct{}) {
 		}
 		return true
 	}
+	var batch []protocol.Frame
 	for {
 		select {
-		case f := <-w.out:
-			if !write(f) {
-				return
+		case <-w.wake:
+			batch = w.takeQueued(batch)
+			for i, f := range batch {
+				if !write(f) {
+					w.requeue(batch[i+1:])
+					return
+				}
 			}
 		case <-confirmC:
 			confirmC = nil
@@ -205,14 +246,11 @@ func (w *wsConn) writeLoop(done chan<- struct{}) {
 			if w.abrupt {
 				return
 			}
-			for flushing := true; flushing; {
-				select {
-				case f := <-w.out:
-					if !write(f) {
-						return
-					}
-				default:
-					flushing = false
+			batch = w.takeQueued(batch)
+			for i, f := range batch {
+				if !write(f) {
+					w.requeue(batch[i+1:])
+					return
 				}
 			}
 			msg := websocket.FormatCloseMessage(w.closeFrame.Code, w.closeFrame.Reason)
@@ -253,7 +291,7 @@ func (s *Server) handleWS(c echo.Context) error {
 	}
 	s.svc.Metrics.ConnectionsTotal.Inc()
 	w := &wsConn{
-		srv: s, ws: ws, out: make(chan protocol.Frame, s.cfg.OutboxFrames), closing: make(chan struct{}),
+		srv: s, ws: ws, wake: make(chan struct{}, 1), closing: make(chan struct{}),
 		log: s.log.With("conn", remoteShort(ws.RemoteAddr())),
 	}
 	s.mu.Lock()
@@ -300,11 +338,23 @@ func (w *wsConn) serve() {
 		}
 		return nil
 	})
+	// Any inbound frame proves the peer alive too: a client busy sending has
+	// its pong queued behind its own frames, and must not be cut off as
+	// stale while the broker works through them. Renewed at most once a
+	// second, so a flood of frames costs no extra work.
+	lastAlive := time.Now()
 	for {
 		_, data, err := w.ws.ReadMessage()
 		if err != nil {
 			w.logReadEnd(err)
 			break
+		}
+		if now := time.Now(); now.Sub(lastAlive) >= time.Second {
+			lastAlive = now
+			_ = w.ws.SetReadDeadline(now.Add(cfg.PongTimeout))
+			if w.presence != nil {
+				w.srv.svc.Presence.Pong(w.presence)
+			}
 		}
 		w.dispatch(data)
 	}

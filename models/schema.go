@@ -324,6 +324,7 @@ func postgresTables() []tableDDL {
 			// partial index every drain would read the whole history.
 			`CREATE INDEX IF NOT EXISTS meshbroker_mq_undelivered_idx ON mesh.message_queue (mesh_id, created_at) WHERE delivered_at IS NULL`,
 			`CREATE INDEX IF NOT EXISTS meshbroker_mq_client_msg_idx ON mesh.message_queue (mesh_id, client_message_id) WHERE client_message_id IS NOT NULL`,
+			`CREATE INDEX IF NOT EXISTS meshbroker_mq_target_idx ON mesh.message_queue (mesh_id, target_spec, created_at) WHERE delivered_at IS NULL`,
 		}},
 		{"audit_log", pgAuditLog, []string{
 			`CREATE INDEX IF NOT EXISTS audit_log_mesh_id_idx ON mesh.audit_log (mesh_id)`,
@@ -643,6 +644,7 @@ func sqliteTables() []tableDDL {
 			// partial index every drain would read the whole history.
 			`CREATE INDEX IF NOT EXISTS meshbroker_mq_undelivered_idx ON message_queue (mesh_id, created_at) WHERE delivered_at IS NULL`,
 			`CREATE INDEX IF NOT EXISTS meshbroker_mq_client_msg_idx ON message_queue (mesh_id, client_message_id) WHERE client_message_id IS NOT NULL`,
+			`CREATE INDEX IF NOT EXISTS meshbroker_mq_target_idx ON message_queue (mesh_id, target_spec, created_at) WHERE delivered_at IS NULL`,
 		}},
 		{"audit_log", sqliteAuditLog, []string{
 			`CREATE INDEX IF NOT EXISTS audit_log_mesh_id_idx ON audit_log (mesh_id)`,

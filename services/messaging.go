@@ -52,8 +52,9 @@ type MessagingService struct {
 	drains sync.WaitGroup // running drain goroutines
 
 	mu         sync.Mutex
-	stopped    bool      // set by Stop: no new drains
-	multicast  recentIDs // ids of multicast rows, stored delivered: their acks need no query
+	stopped    bool                   // set by Stop: no new drains
+	multicast  recentIDs              // ids of multicast rows, stored delivered: their acks need no query
+	topics     map[string]topicsEntry // member id -> its `#topic` targets, for drains
 	deliveries map[string]*delivery
 	accepting  map[string]*acceptWait // mesh|member|client id -> send in flight
 }
@@ -89,7 +90,7 @@ func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, 
 		status: status, members: members, audit: audit,
 		limiter:    NewTokenBuckets(cfg.SendRateBurst, cfg.SendRatePerMin, now),
 		deliveries: map[string]*delivery{}, accepting: map[string]*acceptWait{},
-		multicast: newRecentIDs(1 << 16),
+		multicast: newRecentIDs(1 << 16), topics: map[string]topicsEntry{},
 	}
 	presence.OnAttach(m.attached)
 	presence.OnDetach(m.detached)
@@ -290,8 +291,16 @@ func (m *MessagingService) drain(d *delivery) {
 		if st == StatusIdle {
 			prios = []string{"now", "next", "low"}
 		}
+		topics, err := m.topicTargets(ctx, c.MemberID)
+		if err != nil {
+			m.log.Error("drain", "presence_id", c.PresenceID, "err", err)
+			d.mu.Lock()
+			d.draining, d.dirty = false, false
+			d.mu.Unlock()
+			return
+		}
 		rows, err := m.queue.Claim(ctx, ClaimRequest{
-			MeshID: c.MeshID, MemberID: c.MemberID, Targets: drainTargets(c, view.Groups), Priorities: prios,
+			MeshID: c.MeshID, Targets: append(drainTargets(c, view.Groups), topics...), Priorities: prios,
 			Claimer: c.PresenceID, Limit: claimBatch,
 		})
 		if err != nil {
@@ -322,6 +331,40 @@ func (m *MessagingService) drain(d *delivery) {
 	}
 }
 
+type topicsEntry struct {
+	loaded  time.Time
+	targets []string
+}
+
+// topicTargets is the member's `#topic` drain targets, cached for
+// MemberCacheTTL; this process's topic joins and leaves invalidate it.
+func (m *MessagingService) topicTargets(ctx context.Context, memberID string) ([]string, error) {
+	now := m.now()
+	m.mu.Lock()
+	e, ok := m.topics[memberID]
+	m.mu.Unlock()
+	if ok && now.Sub(e.loaded) < m.cfg.MemberCacheTTL {
+		return e.targets, nil
+	}
+	t, err := m.queue.TopicTargets(ctx, memberID)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	if len(m.topics) > 100_000 {
+		clear(m.topics)
+	}
+	m.topics[memberID] = topicsEntry{loaded: now, targets: t}
+	m.mu.Unlock()
+	return t, nil
+}
+
+func (m *MessagingService) forgetTopics(memberID string) {
+	m.mu.Lock()
+	delete(m.topics, memberID)
+	m.mu.Unlock()
+}
+
 // drainTargets lists the target specs a connection's drain takes (02 §5.3):
 // its keys, `*`, `@all`, and `@` + every prefix of its groups.
 func drainTargets(c *Conn, groups []protocol.Group) []string {
@@ -349,12 +392,11 @@ func drainTargets(c *Conn, groups []protocol.Group) []string {
 func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Outbox, rows []ClaimedRow) {
 	senderKeys := m.senderKeys(ctx, rows)
 	expiry := m.now().Add(m.cfg.ClaimLease)
-	var unsent []string
+	var unsent, seen []string
 	d.mu.Lock()
 	for i, r := range rows {
 		if _, had := d.inflight[r.ID]; had && !d.everAcked {
-			m.queue.MarkDeliveredAsync(r.ID)
-			delete(d.inflight, r.ID)
+			seen = append(seen, r.ID) // stays in inflight until the sweep has marked it
 			continue
 		}
 		push := protocol.Push{
@@ -381,6 +423,9 @@ func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Out
 		m.metrics.MessagesRouted.WithLabelValues(r.Priority).Inc()
 	}
 	d.mu.Unlock()
+	for _, id := range seen {
+		m.queue.MarkDeliveredAsync(id)
+	}
 	m.releaseFor(d.conn, unsent)
 }
 
@@ -404,26 +449,33 @@ func (m *MessagingService) senderKeys(ctx context.Context, rows []ClaimedRow) ma
 // SweepInflight resolves pushed rows whose claim ran out (D4): a client
 // that acks gets another drain (redelivery); one that never acked, with its
 // socket open all along, has the row marked delivered.
-func (m *MessagingService) SweepInflight(now time.Time) {
+func (m *MessagingService) SweepInflight(ctx context.Context, now time.Time) error {
 	m.mu.Lock()
 	ds := make([]*delivery, 0, len(m.deliveries))
 	for _, d := range m.deliveries {
 		ds = append(ds, d)
 	}
 	m.mu.Unlock()
+	type expired struct {
+		d   *delivery
+		ids []string
+	}
+	var marks []expired
+	var all []string
 	for _, d := range ds {
 		var redrain bool
+		var ids []string
 		d.mu.Lock()
 		for id, f := range d.inflight {
 			if f.exp.After(now) {
 				continue
 			}
-			delete(d.inflight, id)
 			if d.everAcked {
+				delete(d.inflight, id)
 				redrain = true
 				m.metrics.Redelivered.Inc()
 			} else {
-				m.queue.MarkDeliveredAsync(id)
+				ids = append(ids, id) // stays in inflight until marked: a drain meanwhile must not push it again
 			}
 		}
 		if redrain {
@@ -433,7 +485,27 @@ func (m *MessagingService) SweepInflight(now time.Time) {
 		if redrain {
 			m.trigger(d)
 		}
+		if len(ids) > 0 {
+			marks = append(marks, expired{d, ids})
+			all = append(all, ids...)
+		}
 	}
+	if len(all) == 0 {
+		return nil
+	}
+	n, err := m.queue.MarkDelivered(ctx, all)
+	m.metrics.DeliveredOnce.Add(float64(n))
+	if err != nil {
+		return fmt.Errorf("mark expired pushes delivered: %w", err)
+	}
+	for _, e := range marks {
+		e.d.mu.Lock()
+		for _, id := range e.ids {
+			delete(e.d.inflight, id)
+		}
+		e.d.mu.Unlock()
+	}
+	return nil
 }
 
 // ReapAndRedrain clears claims that ran out more than one reap interval ago

@@ -246,7 +246,7 @@ func BenchmarkClaim(b *testing.B) {
 				b.StopTimer()
 				ids := bb.insertBacklog(b, a, target, backlog, nonce, ct)
 				b.StartTimer()
-				rows, err := bb.queue.Claim(ctx, ClaimRequest{MeshID: bb.meshID, MemberID: r.conn.MemberID, Targets: []string{target},
+				rows, err := bb.queue.Claim(ctx, ClaimRequest{MeshID: bb.meshID, Targets: []string{target},
 					Priorities: []string{"now", "next", "low"}, Claimer: "bench", Limit: 256})
 				if err != nil {
 					b.Fatal(err)

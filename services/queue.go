@@ -366,8 +366,7 @@ func (q *QueueService) Release(ctx context.Context, ids []string) error {
 // ClaimRequest describes one drain (02 §5.3).
 type ClaimRequest struct {
 	MeshID     string
-	MemberID   string   // for `#topic` rows of the member's topics
-	Targets    []string // member key, session key, `*`, `@all`, `@group` prefixes
+	Targets    []string // member key, session key, `*`, `@all`, `@group` prefixes, `#topic` of the member's topics
 	Priorities []string
 	Claimer    string // presence id
 	Limit      int
@@ -392,15 +391,18 @@ type ClaimedRow struct {
 // and SQLite serializes writers.
 func (q *QueueService) Claim(ctx context.Context, req ClaimRequest) ([]ClaimedRow, error) {
 	now := q.now().UTC()
-	mq, tm := q.db.Table("message_queue"), q.db.Table("topic_member")
+	mq := q.db.Table("message_queue")
+	// One flat target list keeps the partial (mesh_id, target_spec,
+	// created_at) index usable: an OR with a subquery made every claim scan
+	// all undelivered rows of the mesh.
 	where := "mesh_id = ? AND delivered_at IS NULL AND (claimed_at IS NULL OR claim_expires_at IS NULL OR claim_expires_at < ?)" +
-		" AND %s IN ? AND (target_spec IN ? OR target_spec IN (SELECT '#' || topic_id FROM " + tm + " WHERE member_id = ?))"
+		" AND %s IN ? AND target_spec IN ?"
 	returning := " RETURNING id, sender_member_id, sender_session_pubkey, target_spec, priority, nonce, ciphertext, created_at, client_message_id, request_fingerprint"
 	limit := req.Limit
 	if limit <= 0 {
 		limit = claimBatch
 	}
-	args := []any{now, req.Claimer, now.Add(q.cfg.ClaimLease), req.MeshID, now, req.Priorities, req.Targets, req.MemberID, limit}
+	args := []any{now, req.Claimer, now.Add(q.cfg.ClaimLease), req.MeshID, now, req.Priorities, req.Targets, limit}
 	var sql string
 	if q.db.IsPostgres() {
 		sql = "WITH picked AS (SELECT id FROM " + mq + " WHERE " + fmt.Sprintf(where, "priority::text") +
@@ -426,6 +428,18 @@ func (q *QueueService) Claim(ctx context.Context, req ClaimRequest) ([]ClaimedRo
 		q.metrics.ClaimAge.Observe(now.Sub(r.CreatedAt).Seconds())
 	}
 	return rows, nil
+}
+
+// TopicTargets returns `#<topicId>` for every topic the member belongs to.
+func (q *QueueService) TopicTargets(ctx context.Context, memberID string) ([]string, error) {
+	var ids []string
+	if err := q.db.WithContext(ctx).Raw("SELECT topic_id FROM "+q.db.Table("topic_member")+" WHERE member_id = ?", memberID).Scan(&ids).Error; err != nil {
+		return nil, fmt.Errorf("topics of member %s: %w", memberID, err)
+	}
+	for i, id := range ids {
+		ids[i] = "#" + id
+	}
+	return ids, nil
 }
 
 // ExpiredClaim is a (mesh, target) whose undelivered rows had a claim run out.

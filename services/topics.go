@@ -152,6 +152,7 @@ func (m *MessagingService) TopicCreate(ctx context.Context, c *Conn, name, descr
 	if err != nil {
 		return out, fmt.Errorf("topic create: %w", err)
 	}
+	m.forgetTopics(c.MemberID)
 	return out, nil
 }
 
@@ -215,6 +216,7 @@ func (m *MessagingService) TopicJoin(ctx context.Context, c *Conn, ref, role str
 	if role != "lead" && role != "observer" {
 		role = "member"
 	}
+	defer m.forgetTopics(c.MemberID)
 	return m.joinTopicTx(m.queue.db.WithContext(ctx), id, c.MemberID, role)
 }
 
@@ -225,6 +227,7 @@ func (m *MessagingService) TopicLeave(ctx context.Context, c *Conn, ref string) 
 		return err
 	}
 	db := m.queue.db
+	defer m.forgetTopics(c.MemberID)
 	return db.WithContext(ctx).Exec("DELETE FROM "+db.Table("topic_member")+" WHERE topic_id = ? AND member_id = ?", id, c.MemberID).Error
 }
 
