@@ -258,3 +258,71 @@ func TestModeration(t *testing.T) {
 	default:
 	}
 }
+
+// 03 §12 scenarios 20-23: list_peers, set_visible, set_profile, set_summary.
+func TestPresenceMessages(t *testing.T) {
+	b := startTestBroker(t)
+	f := b.fixture()
+	alice := b.connect(f.a, client.Options{})
+	sess := client.NewSession()
+	bobSession := b.connect(f.b, client.Options{Session: &sess})
+	bob := b.connect(f.b, client.Options{SessionID: "bob-daemon"})
+	fr, err := alice.Request(ctxT(t), map[string]any{"type": "list_peers"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pl protocol.PeersList
+	_ = fr.Decode(&pl)
+	if pl.ReqID == "" || len(pl.Peers) != 3 || pl.Peers[0].MemberPubkey != f.a.Pubkey() || pl.Peers[0].Summary != nil || pl.Peers[0].Profile != nil || pl.Peers[0].Stats != nil {
+		t.Fatalf("%s", fr.Raw)
+	}
+	if _, err := time.Parse(protocol.ISOLayout, pl.Peers[0].ConnectedAt); err != nil {
+		t.Fatal(err)
+	}
+	fr, err = bob.Request(ctxT(t), map[string]any{"type": "set_visible", "visible": false})
+	var vack protocol.Ack
+	_ = fr.Decode(&vack)
+	if err != nil || vack.Type != "ack" || vack.ID == "" || vack.ID != vack.ReqID || vack.Queued || vack.MessageID != "" || vack.Error != "" {
+		t.Fatalf("set_visible ack %s %v", fr.Raw, err)
+	}
+	hidden := decodePush(t, waitFrame(t, alice, 2*time.Second, isEvent("peer_hidden")))
+	if hidden.SenderPubkey != "system" || !strings.Contains(string(hidden.EventData), f.b.Pubkey()) {
+		t.Fatalf("peer_hidden %+v", hidden)
+	}
+	waitFrame(t, bobSession, 2*time.Second, isEvent("peer_hidden")) // siblings hear it too
+	peers, _ := alice.ListPeers(ctxT(t))
+	for _, p := range peers {
+		if p.Pubkey == f.b.Pubkey() {
+			t.Fatal("hidden peer listed to another member")
+		}
+	}
+	peers, _ = bobSession.ListPeers(ctxT(t))
+	found := false
+	for _, p := range peers {
+		if p.Pubkey == f.b.Pubkey() && p.Visible != nil && !*p.Visible {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatal("hidden peer not listed to its own member's session")
+	}
+	if _, err := alice.Request(ctxT(t), map[string]any{"type": "set_profile", "title": "lead"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := alice.Request(ctxT(t), map[string]any{"type": "set_profile", "bio": "x"}); err != nil {
+		t.Fatal(err)
+	}
+	_ = alice.WriteJSON(map[string]any{"type": "set_summary", "summary": "refactoring"})
+	_ = alice.WriteJSON(map[string]any{"type": "set_stats", "stats": map[string]any{"messagesIn": 3}})
+	_, _ = alice.ListPeers(ctxT(t))
+	peers, _ = bobSession.ListPeers(ctxT(t))
+	for _, p := range peers {
+		if p.Pubkey == f.a.Pubkey() {
+			if string(p.Profile) != `{"bio":"x","title":"lead"}` || p.Summary == nil || *p.Summary != "refactoring" || string(p.Stats) != `{"messagesIn":3}` {
+				t.Fatalf("alice as listed: %+v profile=%s stats=%s", p, p.Profile, p.Stats)
+			}
+			return
+		}
+	}
+	t.Fatal("alice not listed")
+}
