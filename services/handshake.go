@@ -318,13 +318,6 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 		profile.MessageMode = *member.MessageMode
 	}
 
-	var saved *peerStateRow
-	if in.role == RoleControlPlane {
-		if saved, err = p.restorePeerState(ctx, in.meshID, member.ID); err != nil {
-			p.log.Warn("restore peer state", "mesh", in.meshID, "member", member.ID, "err", err)
-			saved = nil
-		}
-	}
 	var services *[]protocol.ServiceInfo
 	if in.role == RoleControlPlane {
 		services = p.servicesFor(ctx, in, member.ID)
@@ -341,6 +334,16 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 		// The lease went away between the token check and now: the token
 		// proves nothing else, so the client must hello in full.
 		return nil, p.rejected(reject(protocol.CodeExpired, "resume rejected: lease expired"))
+	}
+
+	// Only a fresh member hello restores peer_state; a reattach keeps the
+	// lease's own state, so it does not pay for this read.
+	var saved *peerStateRow
+	if in.role == RoleControlPlane {
+		if saved, err = p.restorePeerState(ctx, in.meshID, member.ID); err != nil {
+			p.log.Warn("restore peer state", "mesh", in.meshID, "member", member.ID, "err", err)
+			saved = nil
+		}
 	}
 
 	// Initial groups (01 §2.4 step 3, §3.4).

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -28,6 +29,18 @@ type MemberDirectory struct {
 	mu     sync.Mutex
 	grants map[string]grantsEntry // meshID -> member pubkey -> grants
 	keys   map[string]string      // member id -> peer_pubkey; a member's key never changes
+	byKey  map[string]memberEntry // mesh|pubkey -> lookup result, for hellos
+	meshes map[string]meshEntry   // mesh id -> row, for hellos
+}
+
+type memberEntry struct {
+	loaded          time.Time
+	active, revoked *MemberRow
+}
+
+type meshEntry struct {
+	loaded time.Time
+	row    *MeshRow
 }
 
 type grantsEntry struct {
@@ -72,7 +85,8 @@ func (m *MeshRow) Label() string {
 
 // NewMemberDirectory makes a directory whose grant cache lives cacheTTL.
 func NewMemberDirectory(db *models.DB, now func() time.Time, cacheTTL time.Duration) *MemberDirectory {
-	return &MemberDirectory{db: db, now: now, cacheTTL: cacheTTL, grants: map[string]grantsEntry{}, keys: map[string]string{}}
+	return &MemberDirectory{db: db, now: now, cacheTTL: cacheTTL, grants: map[string]grantsEntry{}, keys: map[string]string{},
+		byKey: map[string]memberEntry{}, meshes: map[string]meshEntry{}}
 }
 
 const memberColumns = "id, mesh_id, user_id, peer_pubkey, display_name, role, role_tag, default_groups, message_mode, revoked_at, peer_grants"
@@ -80,7 +94,35 @@ const memberColumns = "id, mesh_id, user_id, peer_pubkey, display_name, role, ro
 // ByPubkey finds the member of meshID with peer_pubkey (exact, case
 // sensitive). active is the first non-revoked row; if there is none,
 // revoked is the first revoked one. Both nil: not a member.
+//
+// Results are cached for cacheTTL, so a reconnect storm costs no member
+// queries; a revocation made elsewhere takes effect within that TTL, one
+// made by this broker (ban) at once.
 func (d *MemberDirectory) ByPubkey(ctx context.Context, meshID, pubkey string) (active, revoked *MemberRow, err error) {
+	key := meshID + "|" + pubkey
+	now := d.now()
+	d.mu.Lock()
+	e, ok := d.byKey[key]
+	d.mu.Unlock()
+	if ok && now.Sub(e.loaded) < d.cacheTTL {
+		return e.active, e.revoked, nil
+	}
+	active, revoked, err = d.lookupByPubkey(ctx, meshID, pubkey)
+	if err != nil {
+		return nil, nil, err
+	}
+	if d.cacheTTL > 0 {
+		d.mu.Lock()
+		if len(d.byKey) > 100_000 {
+			clear(d.byKey)
+		}
+		d.byKey[key] = memberEntry{loaded: now, active: active, revoked: revoked}
+		d.mu.Unlock()
+	}
+	return active, revoked, nil
+}
+
+func (d *MemberDirectory) lookupByPubkey(ctx context.Context, meshID, pubkey string) (active, revoked *MemberRow, err error) {
 	var rows []MemberRow
 	err = d.db.WithContext(ctx).Raw("SELECT "+memberColumns+" FROM "+d.db.Table("member")+
 		" WHERE mesh_id = ? AND peer_pubkey = ? ORDER BY revoked_at IS NOT NULL LIMIT 2", meshID, pubkey).Scan(&rows).Error
@@ -134,7 +176,31 @@ func (d *MemberDirectory) Pubkey(ctx context.Context, memberID string) (string, 
 }
 
 // Mesh returns the mesh row, or nil.
+// The row is cached for cacheTTL.
 func (d *MemberDirectory) Mesh(ctx context.Context, meshID string) (*MeshRow, error) {
+	now := d.now()
+	d.mu.Lock()
+	e, ok := d.meshes[meshID]
+	d.mu.Unlock()
+	if ok && now.Sub(e.loaded) < d.cacheTTL {
+		return e.row, nil
+	}
+	row, err := d.lookupMesh(ctx, meshID)
+	if err != nil {
+		return nil, err
+	}
+	if d.cacheTTL > 0 {
+		d.mu.Lock()
+		if len(d.meshes) > 10_000 {
+			clear(d.meshes)
+		}
+		d.meshes[meshID] = meshEntry{loaded: now, row: row}
+		d.mu.Unlock()
+	}
+	return row, nil
+}
+
+func (d *MemberDirectory) lookupMesh(ctx context.Context, meshID string) (*MeshRow, error) {
 	var rows []MeshRow
 	err := d.db.WithContext(ctx).Raw("SELECT id, name, slug, owner_user_id, self_editable FROM "+d.db.Table("mesh")+" WHERE id = ? LIMIT 1", meshID).Scan(&rows).Error
 	if err != nil {
@@ -194,10 +260,17 @@ func (d *MemberDirectory) Grants(ctx context.Context, meshID string) (map[string
 	return byKey, nil
 }
 
-// Invalidate drops the cached grants of a mesh (after ban/unban).
+// Invalidate drops everything cached about a mesh's members (after
+// ban/unban), so the change applies to the next hello and send.
 func (d *MemberDirectory) Invalidate(meshID string) {
 	d.mu.Lock()
 	delete(d.grants, meshID)
+	prefix := meshID + "|"
+	for k := range d.byKey {
+		if strings.HasPrefix(k, prefix) {
+			delete(d.byKey, k)
+		}
+	}
 	d.mu.Unlock()
 }
 
