@@ -21,7 +21,7 @@ const frameTimeout = 30 * time.Second
 // handlers maps frame types to their handler. Out-of-scope types of the
 // reference answer `unsupported` (H8), like unknown ones.
 var handlers = map[string]frameHandler{
-	"send":           handleSend,
+	"send":           nil, // pipelined: see dispatchSend
 	"client_ack":     handleClientAck,
 	"message_status": handleMessageStatus,
 	"list_peers":     handleListPeers,
@@ -69,6 +69,13 @@ func (w *wsConn) dispatch(data []byte) {
 		w.reply(protocol.ErrorFrame{Type: "error", Code: protocol.CodeNoHello, Message: "must send hello first"})
 		return
 	}
+	if h.Type == "send" {
+		w.dispatchSend(h, data)
+		return
+	}
+	// Any other frame waits for this socket's pipelined sends, so replies
+	// keep the order of the frames that caused them (D8).
+	w.sendsPending.Wait()
 	handler := handlers[h.Type]
 	if handler == nil {
 		handler = extraHandlers[h.Type]
@@ -168,22 +175,57 @@ func decodeInto[T any](data []byte) (*T, error) {
 	return &v, nil
 }
 
-func handleSend(ctx context.Context, w *wsConn, h protocol.Head, data []byte) (any, error) {
+// dispatchSend accepts a send without waiting for its commit: the row is
+// handed to the queue's writer now, in frame order, and the socket's
+// completer acks and delivers it once committed, in the same order. A
+// burst of sends on one socket thus shares group commits.
+func (w *wsConn) dispatchSend(h protocol.Head, data []byte) {
 	f, err := decodeInto[protocol.Send](data)
 	if err != nil {
-		return protocol.Ack{Type: "ack", ID: h.ID, Error: "invalid_argument: " + err.(*services.Error).Msg}, nil
+		w.reply(protocol.Ack{Type: "ack", ID: h.ID, Error: "invalid_argument: " + err.(*services.Error).Msg})
+		return
 	}
 	req, err := services.ParseSend(h, f)
 	if err != nil {
-		return protocol.Ack{Type: "ack", ID: h.ID, Error: "invalid_argument: " + err.Error()}, nil
+		w.reply(protocol.Ack{Type: "ack", ID: h.ID, Error: "invalid_argument: " + err.Error()})
+		return
 	}
-	err = w.srv.svc.Messaging.Send(ctx, w.presence, req, func(a protocol.Ack) { w.reply(a) })
+	ctx, cancel := context.WithTimeout(w.srv.baseCtx, frameTimeout)
+	defer cancel()
+	reply := func(a protocol.Ack) { w.reply(a) }
+	if !req.Pipelinable() {
+		w.sendsPending.Wait() // it completes now: after the sends before it
+	}
+	pending, err := w.srv.svc.Messaging.SendAsync(ctx, w.presence, req, reply)
 	if err != nil {
 		// Not stored, or not known to be: never ack it (M2). The client retries.
 		w.log.Error("send", "err", err)
-		return protocol.NewError(protocol.CodeInternal, "message not stored, retry", h), nil
+		w.reply(protocol.NewError(protocol.CodeInternal, "message not stored, retry", h))
+		return
 	}
-	return nil, nil
+	if pending == nil {
+		return
+	}
+	w.sendsPending.Add(1)
+	w.completions <- completion{pending: pending, head: h}
+}
+
+// completion is a pipelined send waiting for its commit.
+type completion struct {
+	pending *services.PendingSend
+	head    protocol.Head
+}
+
+// completeSends finishes pipelined sends in the order they were accepted.
+func (w *wsConn) completeSends(done chan<- struct{}) {
+	defer close(done)
+	for c := range w.completions {
+		if err := c.pending.Wait(); err != nil {
+			w.log.Error("send", "err", err)
+			w.reply(protocol.NewError(protocol.CodeInternal, "message not stored, retry", c.head))
+		}
+		w.sendsPending.Done()
+	}
 }
 
 func handleClientAck(ctx context.Context, w *wsConn, h protocol.Head, data []byte) (any, error) {

@@ -568,6 +568,13 @@ func (m *MessagingService) ClientAck(ctx context.Context, c *Conn, brokerID, cli
 	return nil
 }
 
+// Pipelinable reports whether SendAsync can leave this send's commit
+// pending; otherwise it completes the send before returning, and the caller
+// should first let earlier pipelined sends finish to keep their order.
+func (r SendRequest) Pipelinable() bool {
+	return r.ClientMessageID == "" && !strings.HasPrefix(r.TargetSpec, "#")
+}
+
 // SendRequest is a validated send frame.
 type SendRequest struct {
 	ID                 string
@@ -626,6 +633,51 @@ func rejectAck(id, msg string) protocol.Ack {
 // row is committed and before any push the send causes; a rejection is
 // also delivered through reply. The returned error is internal only.
 func (m *MessagingService) Send(ctx context.Context, sender *Conn, req SendRequest, reply func(protocol.Ack)) error {
+	return m.send(ctx, &sendState{}, sender, req, reply)
+}
+
+// PendingSend is an accepted send whose row is still being committed.
+// Wait blocks until the commit, then acks and delivers it, or returns the
+// error that kept it from being stored (it was not acked: M2).
+type PendingSend struct {
+	done   <-chan error
+	finish func()
+}
+
+// Wait completes the send.
+func (p *PendingSend) Wait() error {
+	if err := <-p.done; err != nil {
+		return err
+	}
+	p.finish()
+	return nil
+}
+
+// SendAsync is Send without waiting for the commit: everything up to the
+// insert happens now, in frame order; the returned PendingSend (nil when
+// the send already finished, as rejections, topic posts and idempotent
+// sends do) must be waited for in the same order the sends came in. A
+// socket's consecutive sends then share group commits instead of paying
+// one each, and the writer keeps their rows in order.
+func (m *MessagingService) SendAsync(ctx context.Context, sender *Conn, req SendRequest, reply func(protocol.Ack)) (*PendingSend, error) {
+	if !req.Pipelinable() {
+		// The idempotency check needs earlier commits; topic posts commit
+		// with their topic_message in one transaction.
+		return nil, m.Send(ctx, sender, req, reply)
+	}
+	st := &sendState{async: true}
+	err := m.send(ctx, st, sender, req, reply)
+	return st.pending, err
+}
+
+// sendState carries how a send stores its row: now, or handed back as a
+// PendingSend.
+type sendState struct {
+	async   bool
+	pending *PendingSend
+}
+
+func (m *MessagingService) send(ctx context.Context, st *sendState, sender *Conn, req SendRequest, reply func(protocol.Ack)) error {
 	started := m.now()
 	key := ""
 	if req.ClientMessageID != "" {
@@ -670,13 +722,13 @@ func (m *MessagingService) Send(ctx context.Context, sender *Conn, req SendReque
 	var err error
 	switch t := req.TargetSpec; {
 	case t == "*" || t == "@all":
-		err = m.sendMulticast(ctx, sender, req, row, "broadcast", reply)
+		err = m.sendMulticast(ctx, st, sender, req, row, "broadcast", reply)
 	case strings.HasPrefix(t, "@"):
-		err = m.sendMulticast(ctx, sender, req, row, "group", reply)
+		err = m.sendMulticast(ctx, st, sender, req, row, "group", reply)
 	case strings.HasPrefix(t, "#"):
 		err = m.sendTopic(ctx, sender, req, row, reply)
 	default:
-		err = m.sendDirect(ctx, sender, req, row, reply)
+		err = m.sendDirect(ctx, st, sender, req, row, reply)
 	}
 	m.metrics.AcceptLatency.Observe(m.now().Sub(started).Seconds())
 	return err
@@ -738,18 +790,38 @@ func (m *MessagingService) idempotent(ctx context.Context, sender *Conn, key str
 	return protocol.Ack{Type: "ack", ID: req.ID, MessageID: row.ID, Queued: true}, true, nil
 }
 
-// store commits the row, audits it and acks it.
-func (m *MessagingService) store(ctx context.Context, sender *Conn, req SendRequest, row *QueueRow, reply func(protocol.Ack)) error {
+// store commits the row, then audits it, acks it and runs after (the
+// send's deliveries). With st.async the commit is left pending and the rest
+// runs in PendingSend.Wait; after must then not use the frame's ctx.
+func (m *MessagingService) store(ctx context.Context, st *sendState, sender *Conn, req SendRequest, row *QueueRow, reply func(protocol.Ack), after func()) error {
+	finish := func() {
+		m.audit.Record(sender.MeshID, "message_sent", sender.MemberID, m.presence.DisplayName(sender), map[string]any{"targetSpec": row.TargetSpec, "priority": row.Priority})
+		reply(protocol.Ack{Type: "ack", ID: req.ID, MessageID: row.ID, Queued: true})
+		after()
+	}
+	if st.async {
+		done, err := m.queue.InsertAsync(ctx, row)
+		if err != nil {
+			return fmt.Errorf("accept send from %s: %w", protocol.Short(sender.RoutingPubkey()), err)
+		}
+		st.pending = &PendingSend{done: done, finish: finish}
+		return nil
+	}
 	if err := m.queue.Insert(ctx, row); err != nil {
 		return fmt.Errorf("accept send from %s: %w", protocol.Short(sender.RoutingPubkey()), err)
 	}
-	m.audit.Record(sender.MeshID, "message_sent", sender.MemberID, m.presence.DisplayName(sender), map[string]any{"targetSpec": row.TargetSpec, "priority": row.Priority})
-	reply(protocol.Ack{Type: "ack", ID: req.ID, MessageID: row.ID, Queued: true})
+	finish()
 	return nil
 }
 
+// afterCtx bounds the deliveries that follow a commit; they outlive the
+// frame that caused them when the send was pipelined.
+func afterCtx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 30*time.Second)
+}
+
 // sendDirect routes a DM to a member or session key (02 §2.1).
-func (m *MessagingService) sendDirect(ctx context.Context, sender *Conn, req SendRequest, row *QueueRow, reply func(protocol.Ack)) error {
+func (m *MessagingService) sendDirect(ctx context.Context, st *sendState, sender *Conn, req SendRequest, row *QueueRow, reply func(protocol.Ack)) error {
 	cands := m.directCandidates(sender, row.TargetSpec)
 	if len(cands) == 0 && !protocol.IsHex(row.TargetSpec, 64) {
 		resolved, ambiguous := m.resolveName(sender, row.TargetSpec)
@@ -798,7 +870,7 @@ func (m *MessagingService) sendDirect(ctx context.Context, sender *Conn, req Sen
 		if !free {
 			continue
 		}
-		if st := m.status.Effective(ctx, v.Conn.PresenceID); st != StatusIdle && row.Priority != "now" {
+		if status := m.status.Effective(ctx, v.Conn.PresenceID); status != StatusIdle && row.Priority != "now" {
 			continue
 		}
 		claimer, claimOut = d, v.Out
@@ -810,27 +882,27 @@ func (m *MessagingService) sendDirect(ctx context.Context, sender *Conn, req Sen
 		pid := claimer.conn.PresenceID
 		row.ClaimedAt, row.ClaimID, row.ClaimExpiresAt = &at, &pid, &exp
 	}
-	if err := m.store(ctx, sender, req, row, reply); err != nil {
-		return err
-	}
-	if claimer != nil {
-		m.pushClaimed(ctx, claimer, claimOut, []ClaimedRow{{
-			ID: row.ID, SenderMemberID: row.SenderMemberID, SenderSessionPubkey: row.SenderSessionPubkey, TargetSpec: row.TargetSpec,
-			Priority: row.Priority, Nonce: row.Nonce, Ciphertext: row.Ciphertext, CreatedAt: row.CreatedAt,
-			ClientMessageID: row.ClientMessageID, RequestFingerprint: row.RequestFingerprint,
-		}})
-		return nil
-	}
-	for _, v := range allowed {
-		d := m.deliveryFor(v.Conn)
-		d.mu.Lock()
-		d.backlog = true
-		d.mu.Unlock()
-		if v.Out != nil {
-			m.trigger(d)
+	return m.store(ctx, st, sender, req, row, reply, func() {
+		if claimer != nil {
+			ctx, cancel := afterCtx()
+			defer cancel()
+			m.pushClaimed(ctx, claimer, claimOut, []ClaimedRow{{
+				ID: row.ID, SenderMemberID: row.SenderMemberID, SenderSessionPubkey: row.SenderSessionPubkey, TargetSpec: row.TargetSpec,
+				Priority: row.Priority, Nonce: row.Nonce, Ciphertext: row.Ciphertext, CreatedAt: row.CreatedAt,
+				ClientMessageID: row.ClientMessageID, RequestFingerprint: row.RequestFingerprint,
+			}})
+			return
 		}
-	}
-	return nil
+		for _, v := range allowed {
+			d := m.deliveryFor(v.Conn)
+			d.mu.Lock()
+			d.backlog = true
+			d.mu.Unlock()
+			if v.Out != nil {
+				m.trigger(d)
+			}
+		}
+	})
 }
 
 // directCandidates are the registry entries (online or in grace) of the
@@ -875,12 +947,20 @@ func (m *MessagingService) resolveName(sender *Conn, name string) (key string, a
 // sendMulticast handles `*`, `@all` and `@group` (02 §2.2, §2.3): the row
 // is stored already delivered (D3), then pushed live once to each eligible
 // connection.
-func (m *MessagingService) sendMulticast(ctx context.Context, sender *Conn, req SendRequest, row *QueueRow, kind string, reply func(protocol.Ack)) error {
+func (m *MessagingService) sendMulticast(ctx context.Context, st *sendState, sender *Conn, req SendRequest, row *QueueRow, kind string, reply func(protocol.Ack)) error {
 	delivered := row.CreatedAt
 	row.DeliveredAt = &delivered
-	if err := m.store(ctx, sender, req, row, reply); err != nil {
-		return err
-	}
+	return m.store(ctx, st, sender, req, row, reply, func() {
+		ctx, cancel := afterCtx()
+		defer cancel()
+		if err := m.fanOut(ctx, sender, req, row, kind); err != nil {
+			m.log.Error("multicast fan-out", "msg_id", row.ID, "err", err)
+		}
+	})
+}
+
+// fanOut pushes a stored multicast row live to every eligible connection.
+func (m *MessagingService) fanOut(ctx context.Context, sender *Conn, req SendRequest, row *QueueRow, kind string) error {
 	m.mu.Lock()
 	m.multicast.add(row.ID)
 	m.mu.Unlock()

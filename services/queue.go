@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"slices"
 	"strings"
@@ -34,7 +35,7 @@ type QueueService struct {
 	metrics *Metrics
 	now     func() time.Time
 
-	inserts   chan *insertReq
+	inserts   []chan *insertReq // one per writer; a sender's rows always go to the same one, in order
 	delivered chan markReq
 	stopOnce  sync.Once
 	stop      chan struct{}
@@ -81,7 +82,7 @@ type markReq struct {
 func NewQueueService(cfg config.Config, db *models.DB, log *slog.Logger, metrics *Metrics, now func() time.Time) *QueueService {
 	return &QueueService{
 		cfg: cfg, db: db, log: log.With("svc", "queue"), metrics: metrics, now: now,
-		inserts: make(chan *insertReq, 4096), delivered: make(chan markReq, 8192), stop: make(chan struct{}),
+		delivered: make(chan markReq, 8192), stop: make(chan struct{}),
 	}
 }
 
@@ -91,11 +92,13 @@ func NewQueueService(cfg config.Config, db *models.DB, log *slog.Logger, metrics
 func (q *QueueService) Start() {
 	writers := 1
 	if q.db.IsPostgres() {
-		writers = 2
+		writers = 4
 	}
-	for range writers {
+	q.inserts = make([]chan *insertReq, writers)
+	for i := range writers {
+		q.inserts[i] = make(chan *insertReq, 4096)
 		q.wg.Add(1)
-		go q.insertLoop()
+		go q.insertLoop(q.inserts[i])
 	}
 	q.wg.Add(1)
 	go q.markLoop()
@@ -113,16 +116,12 @@ var errQueueStopped = errors.New("queue stopped")
 // Insert stores row and returns once it is committed (M2: an ack may
 // follow).
 func (q *QueueService) Insert(ctx context.Context, row *QueueRow) error {
-	req := &insertReq{row: row, done: make(chan error, 1)}
-	select {
-	case q.inserts <- req:
-	case <-q.stop:
-		return errQueueStopped
-	case <-ctx.Done():
-		return ctx.Err()
+	done, err := q.InsertAsync(ctx, row)
+	if err != nil {
+		return err
 	}
 	select {
-	case err := <-req.done:
+	case err := <-done:
 		return err
 	case <-ctx.Done():
 		// The row may still commit; the caller must not ack it. A retried
@@ -131,18 +130,43 @@ func (q *QueueService) Insert(ctx context.Context, row *QueueRow) error {
 	}
 }
 
-func (q *QueueService) insertLoop() {
+// InsertAsync hands row to its sender's writer and returns the channel that
+// reports the commit. Rows of one sender commit in the order they were
+// handed over.
+func (q *QueueService) InsertAsync(ctx context.Context, row *QueueRow) (<-chan error, error) {
+	req := &insertReq{row: row, done: make(chan error, 1)}
+	ch := q.inserts[senderShard(row.SenderMemberID, len(q.inserts))]
+	select {
+	case ch <- req:
+		return req.done, nil
+	case <-q.stop:
+		return nil, errQueueStopped
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func senderShard(memberID string, n int) int {
+	if n == 1 {
+		return 0
+	}
+	h := fnv.New32a()
+	h.Write([]byte(memberID))
+	return int(h.Sum32() % uint32(n))
+}
+
+func (q *QueueService) insertLoop(inserts chan *insertReq) {
 	defer q.wg.Done()
 	batch := make([]*insertReq, 0, maxInsertBatch)
 	for {
 		var first *insertReq
 		select {
-		case first = <-q.inserts:
+		case first = <-inserts:
 		case <-q.stop:
 			// Flush what is already queued, then exit.
 			for {
 				select {
-				case r := <-q.inserts:
+				case r := <-inserts:
 					batch = append(batch[:0], r)
 					q.commit(batch)
 				default:
@@ -154,7 +178,7 @@ func (q *QueueService) insertLoop() {
 	fill:
 		for len(batch) < maxInsertBatch {
 			select {
-			case r := <-q.inserts:
+			case r := <-inserts:
 				batch = append(batch, r)
 			default:
 				break fill
