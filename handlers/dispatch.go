@@ -206,6 +206,10 @@ func (w *wsConn) dispatchSend(h protocol.Head, data []byte) {
 	if pending == nil {
 		return
 	}
+	if w.completions == nil { // an idle socket never pays for the completer
+		w.completions, w.completerDone = make(chan completion, 64), make(chan struct{})
+		go w.completeSends(w.completerDone)
+	}
 	w.sendsPending.Add(1)
 	w.completions <- completion{pending: pending, head: h}
 }

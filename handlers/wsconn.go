@@ -41,9 +41,10 @@ type wsConn struct {
 	confirmed atomic.Uint64 // highest write sequence a pong has confirmed; set by the reader
 
 	// Owned by readLoop.
-	presence     *services.Conn
-	completions  chan completion // pipelined sends, to completeSends; closed by serve
-	sendsPending sync.WaitGroup  // pipelined sends not yet acked; Add by readLoop, Done by completeSends
+	presence      *services.Conn
+	completions   chan completion // pipelined sends, to completeSends; made at the first send, closed by serve
+	completerDone chan struct{}   // closed when completeSends has finished
+	sendsPending  sync.WaitGroup  // pipelined sends not yet acked; Add by readLoop, Done by completeSends
 
 	// The outbound queue grows on demand up to cfg.OutboxFrames, so an idle
 	// socket holds no buffer; guarded by qmu.
@@ -321,9 +322,6 @@ func (w *wsConn) serve() {
 	cfg := w.srv.cfg
 	writerDone := make(chan struct{})
 	go w.writeLoop(writerDone)
-	completerDone := make(chan struct{})
-	w.completions = make(chan completion, 256)
-	go w.completeSends(completerDone)
 
 	helloTimer := time.AfterFunc(cfg.HelloTimeout, func() {
 		if !w.authed.Load() {
@@ -366,8 +364,10 @@ func (w *wsConn) serve() {
 	helloTimer.Stop()
 	// Sends already accepted still get their commit, ack and pushes (the
 	// ack may no longer reach this socket; the row is stored either way).
-	close(w.completions)
-	<-completerDone
+	if w.completions != nil {
+		close(w.completions)
+		<-w.completerDone
+	}
 	// Tear the socket down before the presence cleanup, so a reconnecting
 	// client never finds this socket still registered as live.
 	w.shutdown(protocol.Close{}, true)

@@ -278,36 +278,22 @@ func (m *MessagingService) drain(d *delivery) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	c := d.conn
+	stopDraining := func() {
+		d.mu.Lock()
+		d.draining, d.dirty = false, false
+		d.mu.Unlock()
+	}
 	for {
 		view, ok := m.presence.View(c)
 		if !ok || view.Out == nil { // evicted or offline: never claim for a closed socket (D2)
-			d.mu.Lock()
-			d.draining, d.dirty = false, false
-			d.mu.Unlock()
+			stopDraining()
 			return
 		}
 		st := m.status.Effective(ctx, c.PresenceID)
-		prios := []string{"now"}
-		if st == StatusIdle {
-			prios = []string{"now", "next", "low"}
-		}
-		topics, err := m.topicTargets(ctx, c.MemberID)
+		rows, err := m.claimFor(ctx, c, view.Groups, st)
 		if err != nil {
 			m.log.Error("drain", "presence_id", c.PresenceID, "err", err)
-			d.mu.Lock()
-			d.draining, d.dirty = false, false
-			d.mu.Unlock()
-			return
-		}
-		rows, err := m.queue.Claim(ctx, ClaimRequest{
-			MeshID: c.MeshID, Targets: append(drainTargets(c, view.Groups), topics...), Priorities: prios,
-			Claimer: c.PresenceID, Limit: claimBatch,
-		})
-		if err != nil {
-			m.log.Error("drain", "presence_id", c.PresenceID, "err", err)
-			d.mu.Lock()
-			d.draining, d.dirty = false, false
-			d.mu.Unlock()
+			stopDraining()
 			return
 		}
 		if len(rows) > 0 {
@@ -363,6 +349,23 @@ func (m *MessagingService) forgetTopics(memberID string) {
 	m.mu.Lock()
 	delete(m.topics, memberID)
 	m.mu.Unlock()
+}
+
+// claimFor claims the next batch of rows c may take at status st: now
+// only while busy, every priority while idle (02 §3.2).
+func (m *MessagingService) claimFor(ctx context.Context, c *Conn, groups []protocol.Group, st string) ([]ClaimedRow, error) {
+	prios := []string{"now"}
+	if st == StatusIdle {
+		prios = []string{"now", "next", "low"}
+	}
+	topics, err := m.topicTargets(ctx, c.MemberID)
+	if err != nil {
+		return nil, err
+	}
+	return m.queue.Claim(ctx, ClaimRequest{
+		MeshID: c.MeshID, Targets: append(drainTargets(c, groups), topics...), Priorities: prios,
+		Claimer: c.PresenceID, Limit: claimBatch,
+	})
 }
 
 // drainTargets lists the target specs a connection's drain takes (02 §5.3):
