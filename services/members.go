@@ -129,13 +129,16 @@ func (d *MemberDirectory) lookupByPubkey(ctx context.Context, meshID, pubkey str
 	if err != nil {
 		return nil, nil, fmt.Errorf("look up member %s: %w", shortKey(pubkey), err)
 	}
-	for i := range rows {
-		if rows[i].RevokedAt == nil {
-			return &rows[i], nil, nil
+	// Copies, not pointers into rows: the cache keeps what is returned, and
+	// gorm's scan slice is far larger than one row.
+	for _, r := range rows {
+		if r.RevokedAt == nil {
+			return &r, nil, nil
 		}
 	}
 	if len(rows) > 0 {
-		return nil, &rows[0], nil
+		r := rows[0]
+		return nil, &r, nil
 	}
 	return nil, nil, nil
 }
@@ -150,7 +153,8 @@ func (d *MemberDirectory) ByID(ctx context.Context, id string) (*MemberRow, erro
 	if len(rows) == 0 {
 		return nil, nil
 	}
-	return &rows[0], nil
+	r := rows[0] // a copy: callers and caches keep it, not gorm's scan slice
+	return &r, nil
 }
 
 // Pubkey returns a member's peer_pubkey (cached: drains resolve the sender
@@ -209,7 +213,8 @@ func (d *MemberDirectory) lookupMesh(ctx context.Context, meshID string) (*MeshR
 	if len(rows) == 0 {
 		return nil, nil
 	}
-	return &rows[0], nil
+	r := rows[0] // a copy: callers and caches keep it, not gorm's scan slice
+	return &r, nil
 }
 
 // IsModerator reports whether memberID may disconnect, kick, ban or unban in
