@@ -104,7 +104,7 @@ func (s *Server) Handler() http.Handler { return s.echo }
 // Serve serves on ln until Shutdown. The caller opens ln first, so a port
 // in use is an error before anything is served.
 func (s *Server) Serve(ln net.Listener) error {
-	if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err := s.http.Serve(newBatchListener(ln)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil

@@ -226,13 +226,27 @@ func (w *wsConn) writeLoop(done chan<- struct{}) {
 		return true
 	}
 	var batch []protocol.Frame
+	bc, _ := w.ws.NetConn().(*batchConn)
 	for {
 		select {
 		case <-w.wake:
 			batch = w.takeQueued(batch)
+			held := bc != nil && len(batch) > 1
+			if held {
+				bc.Hold()
+			}
 			for i, f := range batch {
 				if !write(f) {
 					w.requeue(batch[i+1:])
+					if held {
+						_ = bc.Release()
+					}
+					return
+				}
+			}
+			if held {
+				if err := bc.Release(); err != nil {
+					w.Terminate()
 					return
 				}
 			}
