@@ -239,6 +239,7 @@ func TestEveryPriorityDuringGrace(t *testing.T) {
 	sess := client.NewSession()
 	s := b.connect(f.a, client.Options{Session: &sess})
 	s.Kill()
+	b.waitOffline(s.HelloAck.PresenceID) // the broker has seen the socket go
 	var ids []string
 	for _, prio := range []string{"low", "now", "next", "now", "low"} {
 		n, c := sealTo(t, f.b.Key, pub(sess.Key), prio)

@@ -254,6 +254,7 @@ func (b *broker) Close(ctx context.Context) error {
 func (b *broker) close(ctx context.Context) error {
 	var errs []error
 	b.stopJobs()
+	b.messaging.StopDrains()
 	if err := b.presence.Shutdown(ctx); err != nil {
 		errs = append(errs, err)
 	}

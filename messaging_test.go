@@ -561,6 +561,7 @@ func TestAckedMessageSurvivesRestart(t *testing.T) {
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	m.b1.Kill() // b1 in grace: the DM is stored, not claimed
+	b.waitOffline(m.b1.HelloAck.PresenceID)
 	ack := dm(t, m.a1, m.sa1, m.sb1, "next", "durable")
 	b.stop()
 	b2 := reopen(t, b)

@@ -160,19 +160,22 @@ func (m *MessagingService) detached(c *Conn, out Outbox, unsent []string) {
 	for _, id := range delivered {
 		m.queue.MarkDeliveredAsync(id)
 	}
-	m.releaseFor(c, release)
+	m.releaseFor(c, release, nil)
 }
 
 // releaseFor releases rows c could not take and drains every connection of
-// c's member: a reattach may have drained before the release, and siblings
-// may take member-key rows. A drain is a no-op for an offline connection.
-func (m *MessagingService) releaseFor(c *Conn, ids []string) {
+// c's member but except: a reattach may have drained before the release,
+// and siblings may take member-key rows. A drain is a no-op for an offline
+// connection.
+func (m *MessagingService) releaseFor(c *Conn, ids []string, except *Conn) {
 	if len(ids) == 0 {
 		return
 	}
 	m.release(ids)
 	for _, v := range m.presence.ByKey(c.MeshID, c.MemberPubkey, nil) {
-		m.TriggerDrain(v.Conn.PresenceID)
+		if v.Conn != except {
+			m.TriggerDrain(v.Conn.PresenceID)
+		}
 	}
 }
 
@@ -241,6 +244,16 @@ func (m *MessagingService) trigger(d *delivery) {
 	}()
 }
 
+// StopDrains refuses new drains and waits for the running ones. The broker
+// calls it before closing the sockets, so a closing socket's released rows
+// are not claimed again by sockets that are closing too.
+func (m *MessagingService) StopDrains() {
+	m.mu.Lock()
+	m.stopped = true
+	m.mu.Unlock()
+	m.drains.Wait()
+}
+
 // Stop refuses new drains, waits for the running ones and settles what is
 // in flight as a socket close would (leases do not survive a restart): a
 // client that acks gets its unacked pushes again from the next broker at
@@ -248,14 +261,13 @@ func (m *MessagingService) trigger(d *delivery) {
 // marked delivered. The broker calls it after every socket is closed,
 // before the queue writers stop.
 func (m *MessagingService) Stop() {
+	m.StopDrains()
 	m.mu.Lock()
-	m.stopped = true
 	ds := make([]*delivery, 0, len(m.deliveries))
 	for _, d := range m.deliveries {
 		ds = append(ds, d)
 	}
 	m.mu.Unlock()
-	m.drains.Wait()
 	var release []string
 	for _, d := range ds {
 		d.mu.Lock()
@@ -296,8 +308,9 @@ func (m *MessagingService) drain(d *delivery) {
 			stopDraining()
 			return
 		}
-		if len(rows) > 0 {
-			m.pushClaimed(ctx, d, view.Out, rows)
+		if len(rows) > 0 && !m.pushClaimed(ctx, d, view.Out, rows) {
+			stopDraining() // the socket is going: its close settles the rest
+			return
 		}
 		if len(rows) == claimBatch {
 			continue
@@ -392,7 +405,10 @@ func drainTargets(c *Conn, groups []protocol.Group) []string {
 // pushClaimed writes claimed rows to a socket in order. A row this socket
 // already had (its claim ran out before the inflight sweep saw it) is not
 // pushed twice to a client that never acks: it is marked delivered.
-func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Outbox, rows []ClaimedRow) {
+//
+// It reports false when the socket refused a push (gone or full): the rest
+// went back to the queue, and the caller must not drain this socket again.
+func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Outbox, rows []ClaimedRow) bool {
 	senderKeys := m.senderKeys(ctx, rows)
 	expiry := m.now().Add(m.cfg.ClaimLease)
 	var unsent, seen []string
@@ -429,7 +445,9 @@ func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Out
 	for _, id := range seen {
 		m.queue.MarkDeliveredAsync(id)
 	}
-	m.releaseFor(d.conn, unsent)
+	// Siblings may take released member-key rows now; this socket cannot.
+	m.releaseFor(d.conn, unsent, d.conn)
+	return len(unsent) == 0
 }
 
 // senderKeys resolves member ids to member pubkeys for rows that carry no

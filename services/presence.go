@@ -358,13 +358,14 @@ func (p *PresenceService) Closed(c *Conn, out Outbox) {
 		return
 	}
 	p.mu.Lock()
-	if p.shutdown || p.conns[c.PresenceID] != c {
-		p.mu.Unlock() // stopping, or already evicted: nothing to do
+	if p.conns[c.PresenceID] != c {
+		p.mu.Unlock() // already evicted: nothing to do
 		return
 	}
-	if c.out != out {
-		// A takeover replaced this socket: the lease is healthy on the new
-		// one. Only what this socket was given needs settling.
+	if p.shutdown || c.out != out {
+		// A takeover replaced this socket and the lease is healthy on the
+		// new one, or the broker is stopping (no grace, no peer_state):
+		// only what this socket was given needs settling.
 		p.mu.Unlock()
 		unsent := out.Unsent()
 		for _, fn := range p.onDetach {
