@@ -36,7 +36,10 @@ import (
 // delivery's fields by its own mu. Neither lock is held across I/O or while
 // calling another service, except that Offer (non-blocking) may run under a
 // delivery's mu to keep pushes in claim order. Sends from one socket are
-// processed in order by the edge (D8).
+// accepted in order by the edge (D8); SendAsync leaves the commit pending
+// and the edge completes the PendingSends in the same order, so a
+// socket's acks and deliveries keep its send order while its rows share
+// group commits. Drains run in their own goroutines, counted in drains.
 type MessagingService struct {
 	cfg      config.Config
 	log      *slog.Logger
