@@ -6,13 +6,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"os"
 	"testing"
 	"time"
 
 	"meshbroker/client"
-	"meshbroker/config"
-	"meshbroker/models/modelstest"
 	"meshbroker/protocol"
 	"meshbroker/services"
 )
@@ -26,13 +23,7 @@ import (
 // benchBroker starts a broker for a benchmark and stops it at cleanup.
 func benchStartBroker(b *testing.B) *broker {
 	b.Helper()
-	cfg := config.Default()
-	cfg.Host, cfg.Port = "127.0.0.1", 0
-	cfg.DataDir = b.TempDir()
-	if os.Getenv(modelstest.EnvDatabaseURL) != "" {
-		cfg.DatabaseURL = modelstest.FreshPostgresURL(b)
-	}
-	cfg.SendRatePerMin = 0
+	cfg := localConfig(b)
 	cfg.MaxConnectionsPerMesh = 1000
 	cfg.LogLevel = slog.LevelError
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -45,17 +45,26 @@ func (c *offsetClock) now() time.Time { return time.Now().Add(time.Duration(c.of
 // advance moves the broker's clock forward by d.
 func (b *testBroker) advance(d time.Duration) { b.clock.offset.Add(int64(d)) }
 
-// testConfig is the default config with a free port, the test's storage,
-// the send limiter off and every timer short.
-func testConfig(t *testing.T) config.Config {
-	t.Helper()
+// localConfig is the default config on a free loopback port, with the
+// test's own storage (SQLite in a temp dir, or a fresh Postgres database
+// with TEST_DATABASE_URL) and the send limiter off. Tests and benchmarks
+// both start from it.
+func localConfig(tb testing.TB) config.Config {
+	tb.Helper()
 	cfg := config.Default()
 	cfg.Host, cfg.Port = "127.0.0.1", 0
-	cfg.DataDir = t.TempDir()
+	cfg.DataDir = tb.TempDir()
 	if os.Getenv(modelstest.EnvDatabaseURL) != "" {
-		cfg.DatabaseURL = modelstest.FreshPostgresURL(t)
+		cfg.DatabaseURL = modelstest.FreshPostgresURL(tb)
 	}
 	cfg.SendRatePerMin = 0
+	return cfg
+}
+
+// testConfig is localConfig with every timer short.
+func testConfig(t *testing.T) config.Config {
+	t.Helper()
+	cfg := localConfig(t)
 	cfg.HelloTimeout = 5 * time.Second
 	cfg.LeaseTTL = 2 * time.Second
 	cfg.ClaimLease = 30 * time.Second // the reference's; tests of expiry shrink it
