@@ -45,10 +45,13 @@ const pgSchema = "mesh"
 
 // Pool sizing for Postgres. The broker's hot paths are short statements; a
 // bounded pool keeps a burst of sockets from exhausting max_connections that
-// the web app shares.
+// the web app shares. Every open connection may stay idle: closing the ones
+// above a lower idle cap made each burst reconnect (a backend fork, auth and
+// re-preparing statements, 5-10 ms each), which was most of a silent
+// reattach's latency under a reconnect storm.
 const (
 	pgMaxOpenConns    = 20
-	pgMaxIdleConns    = 10
+	pgMaxIdleConns    = pgMaxOpenConns
 	pgConnMaxIdleTime = 5 * time.Minute
 )
 

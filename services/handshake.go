@@ -583,18 +583,9 @@ func (p *PresenceService) insertPresence(ctx context.Context, c *Conn, in *hello
 // servicesFor builds hello_ack.services from mesh.service (01 §4.1). A
 // failing query omits the key, as the reference does.
 func (p *PresenceService) servicesFor(ctx context.Context, in *helloInput, memberID string) *[]protocol.ServiceInfo {
-	var rows []struct {
-		Name           string
-		Description    *string
-		Status         *string
-		ToolsSchema    models.JSON
-		DeployedBy     *string
-		DeployedByName *string
-		Scope          models.JSON
-	}
-	err := p.db.WithContext(ctx).Raw("SELECT name, description, status, tools_schema, deployed_by, deployed_by_name, scope FROM "+p.db.Table("service")+
-		" WHERE mesh_id = ? AND status = 'running'", in.meshID).Scan(&rows).Error
+	rows, err := p.members.RunningServices(ctx, in.meshID)
 	if err != nil {
+		p.log.Warn("list services for hello_ack", "mesh", in.meshID, "err", err)
 		return nil
 	}
 	out := []protocol.ServiceInfo{}

@@ -27,10 +27,27 @@ type MemberDirectory struct {
 	cacheTTL time.Duration
 
 	mu     sync.Mutex
-	grants map[string]grantsEntry // meshID -> member pubkey -> grants
-	keys   map[string]string      // member id -> peer_pubkey; a member's key never changes
-	byKey  map[string]memberEntry // mesh|pubkey -> lookup result, for hellos
-	meshes map[string]meshEntry   // mesh id -> row, for hellos
+	grants map[string]grantsEntry   // meshID -> member pubkey -> grants
+	keys   map[string]string        // member id -> peer_pubkey; a member's key never changes
+	byKey  map[string]memberEntry   // mesh|pubkey -> lookup result, for hellos
+	meshes map[string]meshEntry     // mesh id -> row, for hellos
+	svcs   map[string]servicesEntry // mesh id -> running services, for hellos
+}
+
+type servicesEntry struct {
+	loaded time.Time
+	rows   []ServiceRow
+}
+
+// ServiceRow is the part of mesh.service a hello_ack lists.
+type ServiceRow struct {
+	Name           string
+	Description    *string
+	Status         *string
+	ToolsSchema    models.JSON
+	DeployedBy     *string
+	DeployedByName *string
+	Scope          models.JSON
 }
 
 type memberEntry struct {
@@ -86,7 +103,7 @@ func (m *MeshRow) Label() string {
 // NewMemberDirectory makes a directory whose grant cache lives cacheTTL.
 func NewMemberDirectory(db *models.DB, now func() time.Time, cacheTTL time.Duration) *MemberDirectory {
 	return &MemberDirectory{db: db, now: now, cacheTTL: cacheTTL, grants: map[string]grantsEntry{}, keys: map[string]string{},
-		byKey: map[string]memberEntry{}, meshes: map[string]meshEntry{}}
+		byKey: map[string]memberEntry{}, meshes: map[string]meshEntry{}, svcs: map[string]servicesEntry{}}
 }
 
 const memberColumns = "id, mesh_id, user_id, peer_pubkey, display_name, role, role_tag, default_groups, message_mode, revoked_at, peer_grants"
@@ -215,6 +232,35 @@ func (d *MemberDirectory) lookupMesh(ctx context.Context, meshID string) (*MeshR
 	}
 	r := rows[0] // a copy: callers and caches keep it, not gorm's scan slice
 	return &r, nil
+}
+
+// RunningServices returns the mesh's services with status 'running', from a
+// cache at most cacheTTL old: every member hello lists them, and a reconnect
+// storm should not cost a query per socket. The rows are shared; callers
+// must not modify them.
+func (d *MemberDirectory) RunningServices(ctx context.Context, meshID string) ([]ServiceRow, error) {
+	now := d.now()
+	d.mu.Lock()
+	e, ok := d.svcs[meshID]
+	d.mu.Unlock()
+	if ok && now.Sub(e.loaded) < d.cacheTTL {
+		return e.rows, nil
+	}
+	var rows []ServiceRow
+	err := d.db.WithContext(ctx).Raw("SELECT name, description, status, tools_schema, deployed_by, deployed_by_name, scope FROM "+d.db.Table("service")+
+		" WHERE mesh_id = ? AND status = 'running'", meshID).Scan(&rows).Error
+	if err != nil {
+		return nil, fmt.Errorf("list services of mesh %s: %w", meshID, err)
+	}
+	if d.cacheTTL > 0 {
+		d.mu.Lock()
+		if len(d.svcs) > 10_000 {
+			clear(d.svcs)
+		}
+		d.svcs[meshID] = servicesEntry{loaded: now, rows: rows}
+		d.mu.Unlock()
+	}
+	return rows, nil
 }
 
 // IsModerator reports whether memberID may disconnect, kick, ban or unban in
