@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"time"
 
 	"meshbroker/protocol"
@@ -57,7 +58,7 @@ func (w *wsConn) dispatch(data []byte) {
 	}
 	defer func() {
 		if r := recover(); r != nil {
-			w.log.Error("frame handler panic", "type", h.Type, "panic", r)
+			w.logAt(slog.LevelError, "frame handler panic", "type", h.Type, "panic", r)
 			w.reply(protocol.NewError(protocol.CodeInternal, "internal error", h))
 		}
 	}()
@@ -107,7 +108,7 @@ func quoteType(t string) string {
 func (w *wsConn) reply(v any) {
 	f, err := protocol.Encode(v)
 	if err != nil {
-		w.log.Error("encode reply", "err", err)
+		w.logAt(slog.LevelError, "encode reply", "err", err)
 		return
 	}
 	w.Offer(f)
@@ -118,7 +119,7 @@ func (w *wsConn) replyError(h protocol.Head, err error) {
 		w.reply(protocol.NewError(se.Code, se.Msg, h))
 		return
 	}
-	w.log.Error("frame handler", "type", h.Type, "err", err)
+	w.logAt(slog.LevelError, "frame handler", "type", h.Type, "err", err)
 	w.reply(protocol.NewError(protocol.CodeInternal, "internal error", h))
 }
 
@@ -152,19 +153,39 @@ func (w *wsConn) handleHello(h protocol.Head, data []byte) {
 	if err != nil {
 		var he *services.HandshakeError
 		if errors.As(err, &he) {
-			w.log.Info("hello rejected", "code", he.Code)
+			w.logAt(slog.LevelInfo, "hello rejected", "code", he.Code)
 			w.reply(protocol.ErrorFrame{Type: "error", Code: he.Code, Message: he.Message})
 			w.Close(protocol.HandshakeClose(he.Code))
 			return
 		}
-		w.log.Error("hello", "err", err)
+		w.logAt(slog.LevelError, "hello", "err", err)
 		w.reply(protocol.ErrorFrame{Type: "error", Code: protocol.CodeInternal, Message: "internal error"})
 		w.Close(protocol.Close{Code: 1011, Reason: "internal error", Retry: true})
 		return
 	}
 	w.presence = c
 	w.authed.Store(true)
-	w.log = w.log.With("presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()))
+	w.ident.Store(c)
+}
+
+// onFreshStack runs fn on a short-lived goroutine and waits for it. The
+// reader's goroutine lives as long as its socket and mostly sits in a read;
+// handling a frame (JSON decoding, database calls) needs a deeper stack,
+// and a stack grown for it keeps its size while the socket idles: GC only
+// halves a stack that is less than a quarter used. A panic in fn resurfaces
+// in the caller.
+func onFreshStack(fn func()) {
+	var panicked any
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer func() { panicked = recover() }()
+		fn()
+	}()
+	<-done
+	if panicked != nil {
+		panic(panicked)
+	}
 }
 
 func decodeInto[T any](data []byte) (*T, error) {
@@ -199,7 +220,7 @@ func (w *wsConn) dispatchSend(h protocol.Head, data []byte) {
 	pending, err := w.srv.svc.Messaging.SendAsync(ctx, w.presence, req, reply)
 	if err != nil {
 		// Not stored, or not known to be: never ack it (M2). The client retries.
-		w.log.Error("send", "err", err)
+		w.logAt(slog.LevelError, "send", "err", err)
 		w.reply(protocol.NewError(protocol.CodeInternal, "message not stored, retry", h))
 		return
 	}
@@ -225,7 +246,7 @@ func (w *wsConn) completeSends(done chan<- struct{}) {
 	defer close(done)
 	for c := range w.completions {
 		if err := c.pending.Wait(); err != nil {
-			w.log.Error("send", "err", err)
+			w.logAt(slog.LevelError, "send", "err", err)
 			w.reply(protocol.NewError(protocol.CodeInternal, "message not stored, retry", c.head))
 		}
 		w.sendsPending.Done()
@@ -264,7 +285,7 @@ func handleListPeers(ctx context.Context, w *wsConn, h protocol.Head, _ []byte) 
 	if err != nil {
 		return nil, err
 	}
-	w.log.Debug("ws list_peers", "count", len(peers))
+	w.logAt(slog.LevelDebug, "ws list_peers", "count", len(peers))
 	return protocol.PeersList{Type: "peers_list", Peers: peers, ReqID: h.ReqID}, nil
 }
 
@@ -277,7 +298,7 @@ func handleSetStatus(ctx context.Context, w *wsConn, h protocol.Head, data []byt
 	if !services.ValidStatus(status) {
 		return nil, &services.Error{Code: protocol.CodeInvalidArgument, Msg: "status must be idle, working or dnd"}
 	}
-	w.log.Info("ws set_status", "status", status)
+	w.logAt(slog.LevelInfo, "ws set_status", "status", status)
 	return nil, w.srv.svc.Status.SetManual(ctx, w.presence.PresenceID, status)
 }
 

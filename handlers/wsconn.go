@@ -2,6 +2,7 @@ package handlers
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"log/slog"
 	"math"
@@ -19,41 +20,54 @@ import (
 )
 
 // wsConn is one WebSocket. gorilla allows one concurrent reader and one
-// concurrent writer: readLoop (in the handler goroutine) is the only reader
-// and writeLoop the only writer; anyone may call Offer, Close and Terminate.
+// concurrent writer: serve's loop is the only reader, and at most one writer
+// goroutine runs at a time; anyone may call Offer, Close and Terminate.
+//
+// The writer runs on demand: Offer, a due ping or the close starts it, and
+// it exits once nothing is left to write, so an idle socket holds one
+// goroutine (the reader) and two stopped-or-waiting timers, not a second
+// parked stack. Successive writer goroutines hand over under qmu, which
+// orders the writer-owned fields between them.
 //
 // Policy for a second socket of one session: the presence service decides
 // (reattach, takeover or dedup); this type only carries frames.
 type wsConn struct {
 	// Static after construction.
-	srv     *Server
-	ws      *websocket.Conn
-	log     *slog.Logger
-	wake    chan struct{} // capacity 1: frames were queued
-	closing chan struct{} // closed once, by shutdown()
+	srv        *Server
+	ws         *websocket.Conn
+	closing    chan struct{} // closed once, by shutdown()
+	writerDone chan struct{} // closed when the last writer has exited for good
 
-	// Written once before closing is closed, read by writeLoop after.
+	// Written once before closing is closed, read by the writer after.
 	closeOnce  sync.Once
 	closeFrame protocol.Close
 	abrupt     bool // Terminate: drop the TCP connection, no close frame
 
-	authed    atomic.Bool   // set by readLoop after a successful hello; read by the hello timer
-	confirmed atomic.Uint64 // highest write sequence a pong has confirmed; set by the reader
+	authed    atomic.Bool                   // set by the reader after a successful hello; read by the hello timer
+	ident     atomic.Pointer[services.Conn] // the presence, for log lines; set with authed
+	confirmed atomic.Uint64                 // highest write sequence a pong has confirmed; set by the reader
 
-	// Owned by readLoop.
+	// Owned by the reader: serve's loop and the frame goroutine it waits for.
 	presence      *services.Conn
 	completions   chan completion // pipelined sends, to completeSends; made at the first send, closed by serve
 	completerDone chan struct{}   // closed when completeSends has finished
-	sendsPending  sync.WaitGroup  // pipelined sends not yet acked; Add by readLoop, Done by completeSends
+	sendsPending  sync.WaitGroup  // pipelined sends not yet acked; Add by the reader, Done by completeSends
 
 	// The outbound queue grows on demand up to cfg.OutboxFrames, so an idle
-	// socket holds no buffer; guarded by qmu.
-	qmu   sync.Mutex
-	queue []protocol.Frame
+	// socket holds no buffer. qmu guards it and the writer's run state.
+	qmu          sync.Mutex
+	queue        []protocol.Frame
+	writing      bool // a writer goroutine is running
+	writerExited bool // the socket is done writing; no writer starts again
+	pingDue      bool // a ping should be written
+	confirmArmed bool // confirmTimer is running
+	pingTimer    *time.Timer
+	confirmTimer *time.Timer
 
-	// Owned by writeLoop (read by Unsent once the writer has exited).
+	// Owned by the running writer (read by Unsent once writing has ended).
 	writeSeq uint64        // frames written so far
 	written  []writtenPush // queue pushes written but not yet confirmed by a pong
+	spare    []protocol.Frame
 }
 
 // writtenPush is a queue push the writer handed to the socket. It counts as
@@ -78,17 +92,52 @@ func (w *wsConn) Offer(f protocol.Frame) bool {
 	if n >= w.srv.cfg.OutboxFrames {
 		w.qmu.Unlock()
 		w.srv.svc.Metrics.SlowConsumers.Inc()
-		w.log.Warn("slow consumer", "queued", n)
+		w.logAt(slog.LevelWarn, "slow consumer", "queued", n)
 		w.Close(protocol.CloseSlowConsumer)
 		return false
 	}
 	w.queue = append(w.queue, f)
+	start := w.startWriterLocked()
 	w.qmu.Unlock()
-	select {
-	case w.wake <- struct{}{}:
-	default: // the writer is already due to look
+	if start {
+		go w.writeRun()
 	}
 	return true
+}
+
+// startWriterLocked reports whether the caller must start a writer: none is
+// running and the socket may still write. qmu must be held.
+func (w *wsConn) startWriterLocked() bool {
+	if w.writing || w.writerExited {
+		return false
+	}
+	w.writing = true
+	return true
+}
+
+// kickWriter makes sure a writer will look at the socket's state.
+func (w *wsConn) kickWriter() {
+	w.qmu.Lock()
+	start := w.startWriterLocked()
+	w.qmu.Unlock()
+	if start {
+		go w.writeRun()
+	}
+}
+
+// requestPing asks the writer for a ping: the heartbeat's, or the one that
+// confirms written pushes.
+func (w *wsConn) requestPing(confirm bool) {
+	w.qmu.Lock()
+	if confirm {
+		w.confirmArmed = false
+	}
+	w.pingDue = true
+	start := w.startWriterLocked()
+	w.qmu.Unlock()
+	if start {
+		go w.writeRun()
+	}
 }
 
 // requeue puts frames the writer could not write back at the head of the
@@ -107,6 +156,10 @@ func (w *wsConn) requeue(frames []protocol.Frame) {
 func (w *wsConn) takeQueued(spare []protocol.Frame) []protocol.Frame {
 	w.qmu.Lock()
 	defer w.qmu.Unlock()
+	return w.takeQueuedLocked(spare)
+}
+
+func (w *wsConn) takeQueuedLocked(spare []protocol.Frame) []protocol.Frame {
 	batch := w.queue
 	if len(batch) == 0 {
 		return spare[:0]
@@ -177,6 +230,7 @@ func (w *wsConn) shutdown(c protocol.Close, abrupt bool) {
 	w.closeOnce.Do(func() {
 		w.closeFrame, w.abrupt = c, abrupt
 		close(w.closing)
+		w.kickWriter()
 	})
 }
 
@@ -185,99 +239,131 @@ func (w *wsConn) shutdown(c protocol.Close, abrupt bool) {
 // the push was received or not.
 const confirmDelay = 100 * time.Millisecond
 
-// writeLoop writes offered frames and pings, and on close flushes what was
-// offered before it, writes the close frame and gives the peer WriteWait to
-// answer before the reader's deadline ends the connection.
-func (w *wsConn) writeLoop(done chan<- struct{}) {
-	defer close(done)
-	cfg := w.srv.cfg
-	ping := time.NewTicker(cfg.PingInterval)
-	defer ping.Stop()
-	confirm := time.NewTimer(time.Hour)
-	confirm.Stop()
-	var confirmC <-chan time.Time // nil unless a confirmation ping is due
-	write := func(f protocol.Frame) bool {
-		_ = w.ws.SetWriteDeadline(time.Now().Add(cfg.WriteWait))
-		if err := w.ws.WriteMessage(websocket.TextMessage, f); err != nil {
-			if id, ok := pushMessageID(f); ok {
-				w.written = append(w.written, writtenPush{seq: math.MaxUint64, id: id}) // never confirmed
-			}
-			w.Terminate()
-			return false
-		}
-		w.writeSeq++
-		if id, ok := pushMessageID(f); ok {
-			w.trimConfirmed()
-			w.written = append(w.written, writtenPush{seq: w.writeSeq, id: id})
-			if confirmC == nil {
-				confirm.Reset(confirmDelay)
-				confirmC = confirm.C
-			}
-		}
-		return true
-	}
-	sendPing := func() bool {
-		// The payload is the write sequence; the pong echoes it back.
-		payload := strconv.AppendUint(nil, w.writeSeq, 10)
-		if err := w.ws.WriteControl(websocket.PingMessage, payload, time.Now().Add(cfg.WriteWait)); err != nil {
-			w.Terminate()
-			return false
-		}
-		return true
-	}
-	var batch []protocol.Frame
+// writeRun writes what is queued and any due ping, until nothing is left;
+// on close it flushes what was offered before it, writes the close frame and
+// gives the peer WriteWait to answer before the reader's deadline ends the
+// connection. A write error ends the socket.
+func (w *wsConn) writeRun() {
 	bc, _ := w.ws.NetConn().(*batchConn)
 	for {
+		w.qmu.Lock()
+		var closing bool
 		select {
-		case <-w.wake:
-			batch = w.takeQueued(batch)
-			held := bc != nil && len(batch) > 1
-			if held {
-				bc.Hold()
-			}
-			for i, f := range batch {
-				if !write(f) {
-					w.requeue(batch[i+1:])
-					if held {
-						_ = bc.Release()
-					}
-					return
-				}
-			}
-			if held {
-				if err := bc.Release(); err != nil {
-					w.Terminate()
-					return
-				}
-			}
-		case <-confirmC:
-			confirmC = nil
-			if !sendPing() {
-				return
-			}
-		case <-ping.C:
-			if !sendPing() {
-				return
-			}
 		case <-w.closing:
-			if w.abrupt {
-				return
-			}
-			batch = w.takeQueued(batch)
-			for i, f := range batch {
-				if !write(f) {
-					w.requeue(batch[i+1:])
-					return
-				}
-			}
-			msg := websocket.FormatCloseMessage(w.closeFrame.Code, w.closeFrame.Reason)
-			_ = w.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(cfg.WriteWait))
-			// The reader returns when the peer answers the close, or at this
-			// deadline: a peer that never answers does not hold shutdown up.
-			_ = w.ws.NetConn().SetReadDeadline(time.Now().Add(min(cfg.WriteWait, closeGrace)))
+			closing = true
+		default:
+		}
+		batch := w.takeQueuedLocked(w.spare)
+		ping := w.pingDue
+		w.pingDue = false
+		if !closing && len(batch) == 0 && !ping {
+			w.spare = nil // an idle socket keeps no batch buffer
+			w.writing = false
+			w.qmu.Unlock()
 			return
 		}
+		w.qmu.Unlock()
+
+		if closing {
+			if !w.abrupt && w.writeBatch(batch, nil) {
+				msg := websocket.FormatCloseMessage(w.closeFrame.Code, w.closeFrame.Reason)
+				_ = w.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(w.srv.cfg.WriteWait))
+				// The reader returns when the peer answers the close, or at
+				// this deadline: a peer that never answers does not hold
+				// shutdown up.
+				_ = w.ws.NetConn().SetReadDeadline(time.Now().Add(min(w.srv.cfg.WriteWait, closeGrace)))
+			} else if w.abrupt {
+				w.requeue(batch)
+			}
+			w.exitWriter()
+			return
+		}
+		if !w.writeBatch(batch, bc) || ping && !w.sendPing() {
+			w.exitWriter()
+			return
+		}
+		w.spare = batch
 	}
+}
+
+// exitWriter ends writing for good.
+func (w *wsConn) exitWriter() {
+	w.qmu.Lock()
+	w.writing, w.writerExited = false, true
+	w.qmu.Unlock()
+	close(w.writerDone)
+}
+
+// writeBatch writes frames, coalesced into few syscalls through bc when
+// there is more than one. On a write error it terminates the socket, puts
+// the unwritten frames back for Unsent and reports false.
+func (w *wsConn) writeBatch(batch []protocol.Frame, bc *batchConn) bool {
+	held := bc != nil && len(batch) > 1
+	if held {
+		bc.Hold()
+	}
+	for i, f := range batch {
+		if !w.writeFrame(f) {
+			w.requeue(batch[i+1:])
+			if held {
+				_ = bc.Release()
+			}
+			return false
+		}
+	}
+	if held {
+		if err := bc.Release(); err != nil {
+			w.Terminate()
+			return false
+		}
+	}
+	return true
+}
+
+// writeFrame writes one frame and records a queue push for confirmation.
+func (w *wsConn) writeFrame(f protocol.Frame) bool {
+	_ = w.ws.SetWriteDeadline(time.Now().Add(w.srv.cfg.WriteWait))
+	if err := w.ws.WriteMessage(websocket.TextMessage, f); err != nil {
+		if id, ok := pushMessageID(f); ok {
+			w.written = append(w.written, writtenPush{seq: math.MaxUint64, id: id}) // never confirmed
+		}
+		w.Terminate()
+		return false
+	}
+	w.writeSeq++
+	if id, ok := pushMessageID(f); ok {
+		w.trimConfirmed()
+		w.written = append(w.written, writtenPush{seq: w.writeSeq, id: id})
+		w.armConfirm()
+	}
+	return true
+}
+
+// armConfirm schedules the ping that confirms written pushes, unless one is
+// already due.
+func (w *wsConn) armConfirm() {
+	w.qmu.Lock()
+	defer w.qmu.Unlock()
+	if w.confirmArmed || w.writerExited {
+		return
+	}
+	w.confirmArmed = true
+	if w.confirmTimer == nil {
+		w.confirmTimer = time.AfterFunc(confirmDelay, func() { w.requestPing(true) })
+		return
+	}
+	w.confirmTimer.Reset(confirmDelay)
+}
+
+// sendPing writes a ping whose payload is the write sequence; the pong
+// echoes it back.
+func (w *wsConn) sendPing() bool {
+	payload := strconv.AppendUint(nil, w.writeSeq, 10)
+	if err := w.ws.WriteControl(websocket.PingMessage, payload, time.Now().Add(w.srv.cfg.WriteWait)); err != nil {
+		w.Terminate()
+		return false
+	}
+	return true
 }
 
 // closeGrace is how long a closed socket waits for the peer's close reply.
@@ -300,27 +386,46 @@ func (s *Server) handleWS(c echo.Context) error {
 	}
 	s.wg.Add(1)
 	s.mu.Unlock()
-	defer s.wg.Done()
 
 	ws, err := s.upgrader.Upgrade(c.Response(), c.Request(), nil)
 	if err != nil {
+		s.wg.Done()
 		return nil // the upgrader already answered with an HTTP error
 	}
 	s.svc.Metrics.ConnectionsTotal.Inc()
 	w := &wsConn{
-		srv: s, ws: ws, wake: make(chan struct{}, 1), closing: make(chan struct{}),
-		log: s.log.With("conn", remoteShort(ws.RemoteAddr())),
+		srv: s, ws: ws, closing: make(chan struct{}), writerDone: make(chan struct{}),
 	}
 	s.mu.Lock()
 	s.socks[w] = struct{}{}
 	s.mu.Unlock()
-	defer func() {
+	// The socket gets a goroutine of its own and the HTTP handler returns:
+	// net/http then lets go of what it keeps per connection (its 4 KB read
+	// and write buffers, the request and its headers, echo's context), which
+	// a handler blocked in the read loop would pin for the socket's life.
+	go func() {
+		defer s.wg.Done()
+		w.serve()
 		s.mu.Lock()
 		delete(s.socks, w)
 		s.mu.Unlock()
 	}()
-	w.serve()
 	return nil
+}
+
+// logAt logs a line about this socket. The socket's attributes are added
+// per line rather than kept in a derived logger: a logger per socket costs
+// about a kilobyte that an idle socket would hold for nothing.
+func (w *wsConn) logAt(level slog.Level, msg string, args ...any) {
+	ctx := context.Background()
+	if !w.srv.log.Enabled(ctx, level) {
+		return
+	}
+	l := w.srv.log.With("conn", remoteShort(w.ws.RemoteAddr()))
+	if c := w.ident.Load(); c != nil {
+		l = l.With("presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()))
+	}
+	l.Log(ctx, level, msg, args...)
 }
 
 func remoteShort(a net.Addr) string {
@@ -334,8 +439,9 @@ func remoteShort(a net.Addr) string {
 // have stopped when it returns, and the presence (if any) has been told.
 func (w *wsConn) serve() {
 	cfg := w.srv.cfg
-	writerDone := make(chan struct{})
-	go w.writeLoop(writerDone)
+	w.qmu.Lock()
+	w.pingTimer = time.AfterFunc(cfg.PingInterval, w.heartbeat)
+	w.qmu.Unlock()
 
 	helloTimer := time.AfterFunc(cfg.HelloTimeout, func() {
 		if !w.authed.Load() {
@@ -373,7 +479,7 @@ func (w *wsConn) serve() {
 				w.srv.svc.Presence.Pong(w.presence)
 			}
 		}
-		w.dispatch(data)
+		onFreshStack(func() { w.dispatch(data) })
 	}
 	helloTimer.Stop()
 	// Sends already accepted still get their commit, ack and pushes (the
@@ -386,27 +492,43 @@ func (w *wsConn) serve() {
 	// client never finds this socket still registered as live.
 	w.shutdown(protocol.Close{}, true)
 	_ = w.ws.NetConn().Close()
-	<-writerDone
+	<-w.writerDone
+	w.qmu.Lock()
+	w.pingTimer.Stop()
+	if w.confirmTimer != nil {
+		w.confirmTimer.Stop()
+	}
+	w.qmu.Unlock()
 	if w.presence != nil {
 		w.srv.svc.Presence.Closed(w.presence, w)
 	}
+}
+
+// heartbeat asks for the periodic ping and schedules the next one.
+func (w *wsConn) heartbeat() {
+	w.requestPing(false)
+	w.qmu.Lock()
+	if !w.writerExited {
+		w.pingTimer.Reset(w.srv.cfg.PingInterval)
+	}
+	w.qmu.Unlock()
 }
 
 func (w *wsConn) logReadEnd(err error) {
 	var ce *websocket.CloseError
 	switch {
 	case errors.As(err, &ce):
-		w.log.Debug("ws closed by peer", "code", ce.Code, "reason", ce.Text)
+		w.logAt(slog.LevelDebug, "ws closed by peer", "code", ce.Code, "reason", ce.Text)
 	case errors.Is(err, websocket.ErrReadLimit):
-		w.log.Warn("ws frame too large", "limit", w.srv.cfg.MaxMessageBytes)
+		w.logAt(slog.LevelWarn, "ws frame too large", "limit", w.srv.cfg.MaxMessageBytes)
 	default:
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
 			if w.presence != nil {
-				w.log.Warn("ws stale terminate", "presence_id", w.presence.PresenceID)
+				w.logAt(slog.LevelWarn, "ws stale terminate", "presence_id", w.presence.PresenceID)
 			}
 			return
 		}
-		w.log.Debug("ws read ended", "err", err)
+		w.logAt(slog.LevelDebug, "ws read ended", "err", err)
 	}
 }
