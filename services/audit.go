@@ -55,7 +55,7 @@ type AuditService struct {
 	log     *slog.Logger
 	metrics *Metrics
 	now     func() time.Time
-	queue   chan auditEntry    // never closed: closed (below) keeps producers out instead
+	queue   chan *auditEntry   // never closed: closed (below) keeps producers out instead
 	stop    chan struct{}      // closed once by Close: drain the queue, then exit
 	done    chan struct{}      // closed by run when it returns
 	ctx     context.Context    // parent of every write; abort cancels it
@@ -122,7 +122,7 @@ func NewAuditService(db *models.DB, log *slog.Logger, metrics *Metrics, now func
 	ctx, abort := context.WithCancel(context.Background())
 	return &AuditService{
 		db: db, log: log.With("svc", "audit"), metrics: metrics, now: now,
-		queue: make(chan auditEntry, auditQueueSize), stop: make(chan struct{}), done: make(chan struct{}),
+		queue: make(chan *auditEntry, auditQueueSize), stop: make(chan struct{}), done: make(chan struct{}),
 		ctx: ctx, abort: abort,
 	}
 }
@@ -202,7 +202,7 @@ func (a *AuditService) enqueue(e auditEntry) error {
 	// and dip the gauge below zero.
 	a.metrics.AuditPending.Inc()
 	select {
-	case a.queue <- e:
+	case a.queue <- &e: // a pointer: the queue's buffer is 64K slots, resident once used
 		return nil
 	default:
 		a.metrics.AuditPending.Dec()
@@ -239,7 +239,7 @@ func (a *AuditService) run() {
 	for {
 		select {
 		case e := <-a.queue:
-			batch = a.fill(append(batch[:0], e))
+			batch = a.fill(append(batch[:0], *e))
 			a.write(batch)
 		case <-a.stop:
 			for {
@@ -258,7 +258,7 @@ func (a *AuditService) fill(batch []auditEntry) []auditEntry {
 	for len(batch) < maxAuditBatch {
 		select {
 		case e := <-a.queue:
-			batch = append(batch, e)
+			batch = append(batch, *e)
 		default:
 			return batch
 		}

@@ -592,7 +592,7 @@ func TestAuditQueueFullCountsAndNeverBlocks(t *testing.T) {
 	db := modelstest.OpenTestDB(t)
 	mesh := auditMakeMesh(t, db)
 	a := newAuditForTest(t, db)
-	a.queue = make(chan auditEntry, 2) // before any use; the writer is not running
+	a.queue = make(chan *auditEntry, 2) // before any use; the writer is not running
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

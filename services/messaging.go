@@ -71,6 +71,16 @@ type delivery struct {
 	backlog   bool                // unclaimed rows for this connection may exist
 	everAcked bool                // the client has sent at least one client_ack
 	inflight  map[string]inflight // pushed, unacked row id -> where and until when
+	peak      int                 // most entries inflight has held since it was last made
+}
+
+// compactLocked replaces an emptied inflight map that once grew large: a Go
+// map keeps its peak size, and after a burst every connection would hold
+// the buckets of thousands of entries for nothing. d.mu must be held.
+func (d *delivery) compactLocked() {
+	if len(d.inflight) == 0 && d.peak > 64 {
+		d.inflight, d.peak = map[string]inflight{}, 0
+	}
 }
 
 // inflight is one pushed, unacked row: the socket it went to and when its
@@ -159,6 +169,7 @@ func (m *MessagingService) detached(c *Conn, out Outbox, unsent []string) {
 		delete(d.inflight, id)
 	}
 	d.backlog = true
+	d.compactLocked()
 	d.mu.Unlock()
 	for _, id := range delivered {
 		m.queue.MarkDeliveredAsync(id)
@@ -442,6 +453,7 @@ func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Out
 			break
 		}
 		d.inflight[r.ID] = inflight{out: out, exp: expiry}
+		d.peak = max(d.peak, len(d.inflight))
 		m.metrics.MessagesRouted.WithLabelValues(r.Priority).Inc()
 	}
 	d.mu.Unlock()
@@ -505,6 +517,7 @@ func (m *MessagingService) SweepInflight(ctx context.Context, now time.Time) err
 		if redrain {
 			d.backlog = true
 		}
+		d.compactLocked()
 		d.mu.Unlock()
 		if redrain {
 			m.trigger(d)
@@ -527,6 +540,7 @@ func (m *MessagingService) SweepInflight(ctx context.Context, now time.Time) err
 		for _, id := range e.ids {
 			delete(e.d.inflight, id)
 		}
+		e.d.compactLocked()
 		e.d.mu.Unlock()
 	}
 	return nil
@@ -560,6 +574,7 @@ func (m *MessagingService) ClientAck(ctx context.Context, c *Conn, brokerID, cli
 		_, mine := d.inflight[brokerID]
 		if mine {
 			delete(d.inflight, brokerID)
+			d.compactLocked()
 		}
 		d.mu.Unlock()
 		if mine && (clientID == "" || clientID == brokerID) {
@@ -1054,7 +1069,7 @@ type recentIDs struct {
 }
 
 func newRecentIDs(n int) recentIDs {
-	return recentIDs{set: make(map[string]struct{}, n), ring: make([]string, n)}
+	return recentIDs{set: map[string]struct{}{}, ring: make([]string, n)} // the set grows with use
 }
 
 func (r *recentIDs) add(id string) {
