@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
@@ -47,6 +48,9 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 	if len(args) > 0 {
 		return runCommand(args, cfg, logger, stdout, stderr)
 	}
+	// Process-wide, so set here rather than in startBroker, which tests
+	// share one process for.
+	debug.SetGCPercent(cfg.GCPercent)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	b, err := startBroker(ctx, cfg, logger)
@@ -240,6 +244,15 @@ func (b *broker) startJobs(ctx context.Context) {
 		return err
 	})
 	b.every(ctx, "rate limit gc", cfg.RateLimitGCInterval, func(context.Context) error { b.status.GCBuckets(); b.messaging.GCBuckets(); return nil })
+	if cfg.MemoryTrimEvery > 0 {
+		trimmer := services.NewMemoryTrimmer(cfg.MemoryTrimMin)
+		b.every(ctx, "memory trim", cfg.MemoryTrimEvery, func(context.Context) error {
+			if trimmer.Tick() {
+				b.log.Debug("returned idle heap to the OS")
+			}
+			return nil
+		})
+	}
 }
 
 // Close is the graceful shutdown of 03 §9.5 with S2: mark this process's

@@ -66,6 +66,9 @@ type Config struct {
 
 	// Operations.
 	DBHealthInterval time.Duration // default 30 s between health pings while healthy
+	GCPercent        int           // GOGC, default 50 (the runtime's is 100); -1: off
+	MemoryTrimEvery  time.Duration // default 30 s: a quiet broker returns a burst's memory to the OS (0: never)
+	MemoryTrimMin    uint64        // default 16 MiB: the least a trim must reclaim to be done
 	ShutdownTimeout  time.Duration // default 10 s: the whole graceful shutdown must fit in it
 	GitSHA           string        // GIT_SHA, surfaced on /health
 	ExpectedSchema   string        // EXPECTED_MIGRATION: /health/ready is 503 until this schema version is recorded
@@ -115,6 +118,9 @@ func Default() Config {
 		MemberCacheTTL:      5 * time.Second,
 
 		DBHealthInterval: 30 * time.Second,
+		GCPercent:        50,
+		MemoryTrimEvery:  30 * time.Second,
+		MemoryTrimMin:    16 << 20,
 		ShutdownTimeout:  10 * time.Second,
 		GitSHA:           "",
 		LogLevel:         slog.LevelInfo,
@@ -262,6 +268,24 @@ var vars = []envVar{
 	{name: "GIT_SHA", accepts: "any string", help: "build revision shown on /health",
 		def: func(Config) string { return "" },
 		set: func(c *Config, v string) error { c.GitSHA = v; return nil }},
+	// The broker's working set is mostly short-lived frames and rows, so a
+	// tighter collector target costs little: at 50 a 100 x 1,000 burst
+	// peaked at 121 MB RSS instead of 154 MB, for about a sixth of the
+	// unpaced throughput, and an idle socket costs 14.7 KB instead of 19.1.
+	{name: "GOGC", accepts: "a positive integer (percent) or off", help: "garbage collector target, as for any Go program; the broker's default is 50",
+		def: func(c Config) string {
+			if c.GCPercent < 0 {
+				return "off"
+			}
+			return strconv.Itoa(c.GCPercent)
+		},
+		set: func(c *Config, v string) error {
+			if strings.EqualFold(v, "off") {
+				c.GCPercent = -1
+				return nil
+			}
+			return positiveInt(func(c *Config) *int { return &c.GCPercent })(c, v)
+		}},
 	{name: "LOG_LEVEL", accepts: "debug, info, warn or error", help: "lowest level logged (JSON lines on stderr)",
 		def: func(c Config) string { return strings.ToLower(c.LogLevel.String()) },
 		set: func(c *Config, v string) error {

@@ -41,6 +41,15 @@ func TestLoadValues(t *testing.T) {
 	}
 }
 
+func TestLoadGOGC(t *testing.T) {
+	for raw, want := range map[string]int{"": 50, "200": 200, "off": -1, "OFF": -1} {
+		c, err := Load(env(map[string]string{"GOGC": raw}))
+		if err != nil || c.GCPercent != want {
+			t.Errorf("GOGC=%q: %d, %v; want %d", raw, c.GCPercent, err, want)
+		}
+	}
+}
+
 func TestLoadRefusesEachInvalidVariable(t *testing.T) {
 	for _, tt := range []struct{ name, value string }{
 		{"BROKER_PORT", "-1"},
@@ -60,6 +69,8 @@ func TestLoadRefusesEachInvalidVariable(t *testing.T) {
 		{"WATCH_ALLOW_PRIVATE", "maybe"},
 		{"RESUME_TOKEN_KEY", "abc"},
 		{"LOG_LEVEL", "loud"},
+		{"GOGC", "0"},
+		{"GOGC", "fast"},
 	} {
 		t.Run(tt.name+"="+tt.value, func(t *testing.T) {
 			_, err := Load(env(map[string]string{tt.name: tt.value}))
