@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"time"
 
+	"gorm.io/gorm"
+
 	"meshbroker/models"
 	"meshbroker/protocol"
 )
@@ -89,10 +91,27 @@ func (p *PresenceService) savePeerState(s peerStateSnapshot) {
 	}
 }
 
+// savePeerStateCtx reads the running totals, upserts the row and copies a
+// live summary, in one transaction. On Postgres the commit does not wait
+// for its WAL flush (synchronous_commit off, this transaction only): a crash
+// may lose the last fraction of a second of these saves, which costs a
+// restored profile, never a message, and a mass disconnect no longer queues
+// a thousand fsyncs in front of the reconnects.
 func (p *PresenceService) savePeerStateCtx(ctx context.Context, s peerStateSnapshot) error {
+	return p.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+		if p.db.IsPostgres() {
+			if err := tx.Exec("SET LOCAL synchronous_commit = off").Error; err != nil {
+				return fmt.Errorf("relax commit: %w", err)
+			}
+		}
+		return p.savePeerStateTx(tx, s)
+	})
+}
+
+func (p *PresenceService) savePeerStateTx(tx *gorm.DB, s peerStateSnapshot) error {
 	tbl := p.db.Table("peer_state")
 	var prev []struct{ CumulativeStats models.JSON }
-	if err := p.db.WithContext(ctx).Raw("SELECT cumulative_stats FROM "+tbl+" WHERE mesh_id = ? AND member_id = ?", s.meshID, s.memberID).Scan(&prev).Error; err != nil {
+	if err := tx.Raw("SELECT cumulative_stats FROM "+tbl+" WHERE mesh_id = ? AND member_id = ?", s.meshID, s.memberID).Scan(&prev).Error; err != nil {
 		return fmt.Errorf("read peer state: %w", err)
 	}
 	totals := map[string]float64{}
@@ -110,7 +129,7 @@ func (p *PresenceService) savePeerStateCtx(ctx context.Context, s peerStateSnaps
 	groups, _ := json.Marshal(s.groups)
 	profile, _ := json.Marshal(s.profile)
 	now := p.now().UTC()
-	err := p.db.WithContext(ctx).Exec("INSERT INTO "+tbl+
+	err := tx.Exec("INSERT INTO "+tbl+
 		" (id, mesh_id, member_id, groups, profile, visible, last_display_name, cumulative_stats, last_seen_at, created_at, updated_at)"+
 		" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"+
 		" ON CONFLICT (mesh_id, member_id) DO UPDATE SET groups = excluded.groups, profile = excluded.profile, visible = excluded.visible,"+
@@ -122,11 +141,11 @@ func (p *PresenceService) savePeerStateCtx(ctx context.Context, s peerStateSnaps
 	// Any live row of the member with a summary, as the reference reads it
 	// (rows without one are skipped so a NULL does not hide a summary).
 	var summaries []struct{ Summary *string }
-	if err := p.db.WithContext(ctx).Raw("SELECT summary FROM "+p.db.Table("presence")+" WHERE member_id = ? AND disconnected_at IS NULL AND summary IS NOT NULL AND summary <> '' LIMIT 1", s.memberID).Scan(&summaries).Error; err != nil {
+	if err := tx.Raw("SELECT summary FROM "+p.db.Table("presence")+" WHERE member_id = ? AND disconnected_at IS NULL AND summary IS NOT NULL AND summary <> '' LIMIT 1", s.memberID).Scan(&summaries).Error; err != nil {
 		return fmt.Errorf("read summary for peer state: %w", err)
 	}
 	if len(summaries) > 0 && summaries[0].Summary != nil {
-		if err := p.db.WithContext(ctx).Exec("UPDATE "+tbl+" SET last_summary = ?, updated_at = ? WHERE mesh_id = ? AND member_id = ?", *summaries[0].Summary, now, s.meshID, s.memberID).Error; err != nil {
+		if err := tx.Exec("UPDATE "+tbl+" SET last_summary = ?, updated_at = ? WHERE mesh_id = ? AND member_id = ?", *summaries[0].Summary, now, s.meshID, s.memberID).Error; err != nil {
 			return fmt.Errorf("save last summary: %w", err)
 		}
 	}

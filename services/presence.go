@@ -44,6 +44,7 @@ type PresenceService struct {
 	onDetach []func(c *Conn, out Outbox, unsent []string)
 	onEvict  []evictHook
 	bg       sync.WaitGroup // savePeerState writes started by Closed
+	bgSlots  chan struct{}  // bounds concurrent savePeerState writes; static
 
 	mu       sync.RWMutex
 	conns    map[string]*Conn            // presenceID -> entry
@@ -169,9 +170,15 @@ func NewPresenceService(cfg config.Config, db *models.DB, log *slog.Logger, metr
 		cfg: cfg, db: db, log: log.With("svc", "presence"), metrics: metrics, members: members,
 		status: status, audit: audit, resume: resume, now: now,
 		conns: map[string]*Conn{}, byMesh: map[string]map[string]*Conn{}, byKey: map[string][]*Conn{},
-		pongs: map[string]struct{}{},
+		pongs: map[string]struct{}{}, bgSlots: make(chan struct{}, peerStateWriters),
 	}
 }
+
+// peerStateWriters bounds the peer_state saves running at once. A mass
+// disconnect starts one per socket; unbounded, a thousand of them held all
+// twenty pool connections while the same clients reconnected, and the
+// first reattaches waited 180 ms for a connection.
+const peerStateWriters = 4
 
 // OnAttach registers fn to run after a presence gets a socket: fresh is true
 // for a new presence, false for a silent reattach. It runs after hello_ack
@@ -394,7 +401,11 @@ func (p *PresenceService) Closed(c *Conn, out Outbox) {
 	for _, fn := range p.onDetach {
 		fn(c, out, unsent)
 	}
-	p.bg.Go(func() { p.savePeerState(snap) })
+	p.bg.Go(func() {
+		p.bgSlots <- struct{}{}
+		defer func() { <-p.bgSlots }()
+		p.savePeerState(snap)
+	})
 }
 
 // Wait blocks until the background writes Closed started have finished;
