@@ -88,6 +88,13 @@ func (w *wsConn) Offer(f protocol.Frame) bool {
 	default:
 	}
 	w.qmu.Lock()
+	if w.writerExited {
+		// The writer is gone for good (a write failed just now): a frame
+		// queued now would be in no one's hands, not even Unsent's, which
+		// may already have run.
+		w.qmu.Unlock()
+		return false
+	}
 	n := len(w.queue)
 	if n >= w.srv.cfg.OutboxFrames {
 		w.qmu.Unlock()
