@@ -50,7 +50,7 @@ var handlers = map[string]frameHandler{
 // dispatch decodes one inbound frame and answers it. It never panics on a
 // frame: a panic in a handler is recovered, logged and answered `internal`.
 func (w *wsConn) dispatch(data []byte) {
-	h, err := protocol.DecodeHead(data)
+	h, send, err := protocol.DecodeHeadSend(data) // one pass for the hot path; send is unused for other types
 	if err != nil {
 		w.srv.svc.Metrics.MessagesRejected.WithLabelValues("parse_or_handler").Inc()
 		w.reply(protocol.NewError(protocol.CodeMalformed, err.Error(), h))
@@ -71,7 +71,7 @@ func (w *wsConn) dispatch(data []byte) {
 		return
 	}
 	if h.Type == "send" {
-		w.dispatchSend(h, data)
+		w.dispatchSend(h, send)
 		return
 	}
 	// Any other frame waits for this socket's pipelined sends, so replies
@@ -200,12 +200,7 @@ func decodeInto[T any](data []byte) (*T, error) {
 // handed to the queue's writer now, in frame order, and the socket's
 // completer acks and delivers it once committed, in the same order. A
 // burst of sends on one socket thus shares group commits.
-func (w *wsConn) dispatchSend(h protocol.Head, data []byte) {
-	f, err := decodeInto[protocol.Send](data)
-	if err != nil {
-		w.reply(protocol.Ack{Type: "ack", ID: h.ID, Error: "invalid_argument: " + err.(*services.Error).Msg})
-		return
-	}
+func (w *wsConn) dispatchSend(h protocol.Head, f *protocol.Send) {
 	req, err := services.ParseSend(h, f)
 	if err != nil {
 		w.reply(protocol.Ack{Type: "ack", ID: h.ID, Error: "invalid_argument: " + err.Error()})

@@ -34,6 +34,19 @@ func benchSendFrame(b *testing.B) []byte {
 
 // BenchmarkDecodeSend is what the edge does with every send frame before
 // the service sees it: DecodeHead to dispatch, then Decode into Send.
+func BenchmarkDecodeHeadSend(b *testing.B) {
+	data := benchSendFrame(b)
+	b.SetBytes(int64(len(data)))
+	b.ReportAllocs()
+	for b.Loop() {
+		h, s, err := DecodeHeadSend(data)
+		if err != nil || h.Type != "send" || len(s.Ciphertext) == 0 {
+			b.Fatal(h, err)
+		}
+	}
+}
+
+// BenchmarkDecodeSend is the two-pass decode a non-send frame gets.
 func BenchmarkDecodeSend(b *testing.B) {
 	data := benchSendFrame(b)
 	b.SetBytes(int64(len(data)))

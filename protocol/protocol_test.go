@@ -92,7 +92,30 @@ func TestDecodeHead(t *testing.T) {
 			if (err != nil) != tt.wantErr || got != tt.want {
 				t.Fatalf("DecodeHead(%s) = %+v, %v", tt.in, got, err)
 			}
+			got2, send, err2 := DecodeHeadSend([]byte(tt.in))
+			if got2 != got || (err2 == nil) != (err == nil) || (err2 == nil) != (send != nil) {
+				t.Fatalf("DecodeHeadSend(%s) = %+v, %v, %v; DecodeHead gave %+v, %v", tt.in, got2, send, err2, got, err)
+			}
 		})
+	}
+}
+
+// One pass of DecodeHeadSend fills the same send fields as Decode does.
+func TestDecodeHeadSendMatchesDecode(t *testing.T) {
+	in := []byte(`{"type":"send","id":"s1","_reqId":"r","targetSpec":"@dev","priority":"now","nonce":"bm9uY2U=","ciphertext":"Y2lwaGVy",` +
+		`"client_message_id":"c1","request_fingerprint":"fp","replyToId":"m0","mentions":["a"],"bodyVersion":2,"extra":{"x":1}}`)
+	h, got, err := DecodeHeadSend(in)
+	if err != nil || h != (Head{Type: "send", ID: "s1", ReqID: "r"}) {
+		t.Fatalf("head %+v, %v", h, err)
+	}
+	var want Send
+	if err := Decode(in, &want); err != nil {
+		t.Fatal(err)
+	}
+	gotJSON, _ := json.Marshal(got)
+	wantJSON, _ := json.Marshal(want)
+	if string(gotJSON) != string(wantJSON) {
+		t.Fatalf("DecodeHeadSend filled %s, Decode %s", gotJSON, wantJSON)
 	}
 }
 
