@@ -20,23 +20,23 @@ import (
 // a send does not cost a member query; a revocation or grant change takes
 // effect within that TTL, and immediately for ban/unban done here.
 //
-// Concurrency: the grants cache is guarded by mu; queries run outside it.
+// Concurrency: each cache guards itself and keys is guarded by mu; queries
+// run outside both.
 type MemberDirectory struct {
-	db       *models.DB
-	now      func() time.Time
-	cacheTTL time.Duration
+	db  *models.DB
+	now func() time.Time
 
-	mu     sync.Mutex
-	grants map[string]grantsEntry   // meshID -> member pubkey -> grants
-	keys   map[string]string        // member id -> peer_pubkey; a member's key never changes
-	byKey  map[string]memberEntry   // mesh|pubkey -> lookup result, for hellos
-	meshes map[string]meshEntry     // mesh id -> row, for hellos
-	svcs   map[string]servicesEntry // mesh id -> running services, for hellos
+	grants *ttlCache[map[string]map[string][]string] // meshID -> member pubkey -> (granted pubkey -> capabilities)
+	byKey  *ttlCache[memberEntry]                    // mesh|pubkey -> lookup result, for hellos
+	meshes *ttlCache[*MeshRow]                       // mesh id -> row, for hellos
+	svcs   *ttlCache[[]ServiceRow]                   // mesh id -> running services, for hellos
+
+	mu   sync.Mutex
+	keys map[string]string // member id -> peer_pubkey; a member's key never changes
 }
 
-type servicesEntry struct {
-	loaded time.Time
-	rows   []ServiceRow
+type memberEntry struct {
+	active, revoked *MemberRow
 }
 
 // ServiceRow is the part of mesh.service a hello_ack lists.
@@ -48,21 +48,6 @@ type ServiceRow struct {
 	DeployedBy     *string
 	DeployedByName *string
 	Scope          models.JSON
-}
-
-type memberEntry struct {
-	loaded          time.Time
-	active, revoked *MemberRow
-}
-
-type meshEntry struct {
-	loaded time.Time
-	row    *MeshRow
-}
-
-type grantsEntry struct {
-	loaded time.Time
-	byKey  map[string]map[string][]string // member pubkey -> (granted pubkey -> capabilities)
 }
 
 // MemberRow is the part of mesh.member the broker uses.
@@ -100,10 +85,12 @@ func (m *MeshRow) Label() string {
 	return m.ID
 }
 
-// NewMemberDirectory makes a directory whose grant cache lives cacheTTL.
+// NewMemberDirectory makes a directory whose caches (grants, member and mesh
+// lookups, services) keep an entry cacheTTL.
 func NewMemberDirectory(db *models.DB, now func() time.Time, cacheTTL time.Duration) *MemberDirectory {
-	return &MemberDirectory{db: db, now: now, cacheTTL: cacheTTL, grants: map[string]grantsEntry{}, keys: map[string]string{},
-		byKey: map[string]memberEntry{}, meshes: map[string]meshEntry{}, svcs: map[string]servicesEntry{}}
+	return &MemberDirectory{db: db, now: now, keys: map[string]string{},
+		grants: newTTLCache[map[string]map[string][]string](cacheTTL, 10_000), byKey: newTTLCache[memberEntry](cacheTTL, 100_000),
+		meshes: newTTLCache[*MeshRow](cacheTTL, 10_000), svcs: newTTLCache[[]ServiceRow](cacheTTL, 10_000)}
 }
 
 const memberColumns = "id, mesh_id, user_id, peer_pubkey, display_name, role, role_tag, default_groups, message_mode, revoked_at, peer_grants"
@@ -118,24 +105,14 @@ const memberColumns = "id, mesh_id, user_id, peer_pubkey, display_name, role, ro
 func (d *MemberDirectory) ByPubkey(ctx context.Context, meshID, pubkey string) (active, revoked *MemberRow, err error) {
 	key := meshID + "|" + pubkey
 	now := d.now()
-	d.mu.Lock()
-	e, ok := d.byKey[key]
-	d.mu.Unlock()
-	if ok && now.Sub(e.loaded) < d.cacheTTL {
+	if e, ok := d.byKey.get(key, now); ok {
 		return e.active, e.revoked, nil
 	}
 	active, revoked, err = d.lookupByPubkey(ctx, meshID, pubkey)
 	if err != nil {
 		return nil, nil, err
 	}
-	if d.cacheTTL > 0 {
-		d.mu.Lock()
-		if len(d.byKey) > 100_000 {
-			clear(d.byKey)
-		}
-		d.byKey[key] = memberEntry{loaded: now, active: active, revoked: revoked}
-		d.mu.Unlock()
-	}
+	d.byKey.put(key, memberEntry{active: active, revoked: revoked}, now)
 	return active, revoked, nil
 }
 
@@ -200,24 +177,14 @@ func (d *MemberDirectory) Pubkey(ctx context.Context, memberID string) (string, 
 // The row is cached for cacheTTL.
 func (d *MemberDirectory) Mesh(ctx context.Context, meshID string) (*MeshRow, error) {
 	now := d.now()
-	d.mu.Lock()
-	e, ok := d.meshes[meshID]
-	d.mu.Unlock()
-	if ok && now.Sub(e.loaded) < d.cacheTTL {
-		return e.row, nil
+	if row, ok := d.meshes.get(meshID, now); ok {
+		return row, nil
 	}
 	row, err := d.lookupMesh(ctx, meshID)
 	if err != nil {
 		return nil, err
 	}
-	if d.cacheTTL > 0 {
-		d.mu.Lock()
-		if len(d.meshes) > 10_000 {
-			clear(d.meshes)
-		}
-		d.meshes[meshID] = meshEntry{loaded: now, row: row}
-		d.mu.Unlock()
-	}
+	d.meshes.put(meshID, row, now)
 	return row, nil
 }
 
@@ -240,11 +207,8 @@ func (d *MemberDirectory) lookupMesh(ctx context.Context, meshID string) (*MeshR
 // must not modify them.
 func (d *MemberDirectory) RunningServices(ctx context.Context, meshID string) ([]ServiceRow, error) {
 	now := d.now()
-	d.mu.Lock()
-	e, ok := d.svcs[meshID]
-	d.mu.Unlock()
-	if ok && now.Sub(e.loaded) < d.cacheTTL {
-		return e.rows, nil
+	if rows, ok := d.svcs.get(meshID, now); ok {
+		return rows, nil
 	}
 	var rows []ServiceRow
 	err := d.db.WithContext(ctx).Raw("SELECT name, description, status, tools_schema, deployed_by, deployed_by_name, scope FROM "+d.db.Table("service")+
@@ -252,14 +216,7 @@ func (d *MemberDirectory) RunningServices(ctx context.Context, meshID string) ([
 	if err != nil {
 		return nil, fmt.Errorf("list services of mesh %s: %w", meshID, err)
 	}
-	if d.cacheTTL > 0 {
-		d.mu.Lock()
-		if len(d.svcs) > 10_000 {
-			clear(d.svcs)
-		}
-		d.svcs[meshID] = servicesEntry{loaded: now, rows: rows}
-		d.mu.Unlock()
-	}
+	d.svcs.put(meshID, rows, now)
 	return rows, nil
 }
 
@@ -284,11 +241,8 @@ func (d *MemberDirectory) IsModerator(ctx context.Context, meshID, memberID stri
 // member's pubkey, from a cache at most cacheTTL old.
 func (d *MemberDirectory) Grants(ctx context.Context, meshID string) (map[string]map[string][]string, error) {
 	now := d.now()
-	d.mu.Lock()
-	e, ok := d.grants[meshID]
-	d.mu.Unlock()
-	if ok && now.Sub(e.loaded) < d.cacheTTL {
-		return e.byKey, nil
+	if byKey, ok := d.grants.get(meshID, now); ok {
+		return byKey, nil
 	}
 	var rows []struct {
 		PeerPubkey string
@@ -305,24 +259,16 @@ func (d *MemberDirectory) Grants(ctx context.Context, meshID string) (map[string
 			byKey[r.PeerPubkey] = g
 		}
 	}
-	d.mu.Lock()
-	d.grants[meshID] = grantsEntry{loaded: now, byKey: byKey}
-	d.mu.Unlock()
+	d.grants.put(meshID, byKey, now)
 	return byKey, nil
 }
 
 // Invalidate drops everything cached about a mesh's members (after
 // ban/unban), so the change applies to the next hello and send.
 func (d *MemberDirectory) Invalidate(meshID string) {
-	d.mu.Lock()
-	delete(d.grants, meshID)
+	d.grants.drop(meshID)
 	prefix := meshID + "|"
-	for k := range d.byKey {
-		if strings.HasPrefix(k, prefix) {
-			delete(d.byKey, k)
-		}
-	}
-	d.mu.Unlock()
+	d.byKey.dropIf(func(k string) bool { return strings.HasPrefix(k, prefix) })
 }
 
 // Allows applies the fan-out grant test (02 §2.5): the recipient member's

@@ -52,12 +52,12 @@ type MessagingService struct {
 	audit    Auditor
 	limiter  *TokenBuckets
 
-	drains sync.WaitGroup // running drain goroutines
+	drains sync.WaitGroup      // running drain goroutines
+	topics *ttlCache[[]string] // member id -> its `#topic` targets, for drains; guards itself
 
 	mu         sync.Mutex
-	stopped    bool                   // set by Stop: no new drains
-	multicast  recentIDs              // ids of multicast rows, stored delivered: their acks need no query
-	topics     map[string]topicsEntry // member id -> its `#topic` targets, for drains
+	stopped    bool      // set by Stop: no new drains
+	multicast  recentIDs // ids of multicast rows, stored delivered: their acks need no query
 	deliveries map[string]*delivery
 	accepting  map[string]*acceptWait // mesh|member|client id -> send in flight
 }
@@ -103,7 +103,7 @@ func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, 
 		status: status, members: members, audit: audit,
 		limiter:    NewTokenBuckets(cfg.SendRateBurst, cfg.SendRatePerMin, now),
 		deliveries: map[string]*delivery{}, accepting: map[string]*acceptWait{},
-		multicast: newRecentIDs(1 << 16), topics: map[string]topicsEntry{},
+		multicast: newRecentIDs(1 << 16), topics: newTTLCache[[]string](cfg.MemberCacheTTL, 100_000),
 	}
 	presence.OnAttach(m.attached)
 	presence.OnDetach(m.detached)
@@ -344,39 +344,22 @@ func (m *MessagingService) drain(d *delivery) {
 	}
 }
 
-type topicsEntry struct {
-	loaded  time.Time
-	targets []string
-}
-
 // topicTargets is the member's `#topic` drain targets, cached for
 // MemberCacheTTL; this process's topic joins and leaves invalidate it.
 func (m *MessagingService) topicTargets(ctx context.Context, memberID string) ([]string, error) {
 	now := m.now()
-	m.mu.Lock()
-	e, ok := m.topics[memberID]
-	m.mu.Unlock()
-	if ok && now.Sub(e.loaded) < m.cfg.MemberCacheTTL {
-		return e.targets, nil
+	if targets, ok := m.topics.get(memberID, now); ok {
+		return targets, nil
 	}
 	t, err := m.queue.TopicTargets(ctx, memberID)
 	if err != nil {
 		return nil, err
 	}
-	m.mu.Lock()
-	if len(m.topics) > 100_000 {
-		clear(m.topics)
-	}
-	m.topics[memberID] = topicsEntry{loaded: now, targets: t}
-	m.mu.Unlock()
+	m.topics.put(memberID, t, now)
 	return t, nil
 }
 
-func (m *MessagingService) forgetTopics(memberID string) {
-	m.mu.Lock()
-	delete(m.topics, memberID)
-	m.mu.Unlock()
-}
+func (m *MessagingService) forgetTopics(memberID string) { m.topics.drop(memberID) }
 
 // claimFor claims the next batch of rows c may take at status st: now
 // only while busy, every priority while idle (02 §3.2).
