@@ -12,6 +12,7 @@ import (
 
 	"meshbroker/client"
 	"meshbroker/config"
+	"meshbroker/protocol"
 	"meshbroker/services"
 )
 
@@ -435,4 +436,49 @@ func TestResumeToken(t *testing.T) {
 	if normal.HelloAck.PresenceID != s.HelloAck.PresenceID {
 		t.Fatal("identity reattach failed with a forged token attached")
 	}
+}
+
+// A reattach is admitted on its lease's member row, with no member query
+// before hello_ack. A member the web app revoked while the session was away
+// is checked right after: it gets the rejection its hello would have got,
+// and the presence ends, announced once.
+func TestReattachOfRevokedMemberEnds(t *testing.T) {
+	b := startTestBroker(t, withLease(5*time.Second))
+	f := b.fixture()
+	bob := b.connect(f.b, client.Options{})
+	sess := client.NewSession()
+	s := b.connect(f.a, client.Options{Session: &sess})
+	pid := s.HelloAck.PresenceID
+	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
+	s.Kill()
+	b.waitOffline(pid)
+
+	b.exec("UPDATE {member} SET revoked_at = ? WHERE id = ?", time.Now().UTC(), f.a.MemberID)
+	b.advance(10 * time.Second) // past the member cache: the check reads the database
+
+	again := b.connect(f.a, client.Options{Session: &sess})
+	if again.HelloAck.PresenceID != pid {
+		t.Fatalf("reattach got presence %s, want %s", again.HelloAck.PresenceID, pid)
+	}
+	fr := waitFrame(t, again, 2*time.Second, func(f client.Frame) bool { return f.Type == "error" })
+	var e protocol.ErrorFrame
+	if err := fr.Decode(&e); err != nil || e.Code != protocol.CodeRevoked || !strings.HasPrefix(e.Message, "You've been removed") {
+		t.Fatalf("error frame %s", fr.Raw)
+	}
+	select {
+	case <-again.Done():
+	case <-time.After(2 * time.Second):
+		t.Fatal("socket not closed")
+	}
+	if ce := again.CloseError(); ce == nil || ce.Code != 4002 {
+		t.Fatalf("close %+v, want 4002", ce)
+	}
+	waitFrame(t, bob, 2*time.Second, isEvent("peer_left"))
+	if got := collect(bob, 200*time.Millisecond, isEvent("peer_left")); len(got) != 0 {
+		t.Fatalf("peer_left announced %d more times", len(got))
+	}
+	if b.presence.Get(pid) != nil {
+		t.Fatal("presence kept")
+	}
+	rejected(t, b, f.a, client.Options{Session: &sess}, "revoked", 4002, "You've been removed")
 }

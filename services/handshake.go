@@ -3,6 +3,7 @@ package services
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"time"
@@ -45,6 +46,11 @@ type helloInput struct {
 	model         string
 	role          PeerRole
 	resumed       bool // authenticated by a resume token: reattach only
+	// The member row came from the lease this hello reattaches to, not from
+	// the database: the reattach is checked against the database after its
+	// hello_ack (recheckMember), and a hello that ends up not reattaching
+	// looks the member up before going on.
+	leaseMember bool
 }
 
 func rawStr(r json.RawMessage) string {
@@ -116,7 +122,7 @@ func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hel
 	if !ok {
 		return nil, p.rejected(reject(protocol.CodeBadSignature, "hello rejected: bad_signature"))
 	}
-	member, err := p.authorize(ctx, h.MeshID, h.Pubkey, "pubkey not found in mesh")
+	member, err := p.authorizeHello(ctx, &in, "pubkey not found in mesh")
 	if err != nil {
 		return nil, err
 	}
@@ -189,7 +195,7 @@ func (p *PresenceService) SessionHello(ctx context.Context, out Outbox, h *proto
 	if ok, err := protocol.Verify(sessionPubkey, protocol.SessionHelloString(h.MeshID, parent, sessionPubkey, ts), sig); err != nil || !ok {
 		return nil, sesReject(protocol.CodeBadSignature)
 	}
-	member, err := p.authorize(ctx, h.MeshID, parent, "parent pubkey not found in mesh")
+	member, err := p.authorizeHello(ctx, &in, "parent pubkey not found in mesh")
 	if err != nil {
 		return nil, err
 	}
@@ -236,6 +242,51 @@ func (p *PresenceService) tryResume(ctx context.Context, out Outbox, meshID stri
 		in.role = RoleControlPlane
 	}
 	return p.admit(ctx, out, &in, started)
+}
+
+// authorizeHello authorizes a signed hello. A hello that will reattach to
+// a lease is admitted on the member row that lease was admitted with, so a
+// reconnect storm costs no member query before its hello_ack; recheckMember
+// then confirms the member against the database and ends the presence if
+// it was revoked meanwhile. Any other hello looks the member up first.
+func (p *PresenceService) authorizeHello(ctx context.Context, in *helloInput, notFound string) (*MemberRow, error) {
+	p.mu.RLock()
+	var m *MemberRow
+	if c := p.findReattachLocked(in); c != nil {
+		m = c.member
+	}
+	p.mu.RUnlock()
+	if m != nil {
+		in.leaseMember = true
+		return m, nil
+	}
+	return p.authorize(ctx, in.meshID, in.memberPubkey, notFound)
+}
+
+// recheckMember is the member check a reattach skipped (authorizeHello). A
+// member revoked or deleted while the session was away gets what its hello
+// would have got, the rejection frame and close, after its hello_ack, and
+// the presence ends. A failing lookup keeps the presence: the member was
+// valid when the lease was admitted.
+func (p *PresenceService) recheckMember(c *Conn, out Outbox) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	member, err := p.authorize(ctx, c.MeshID, c.MemberPubkey, "pubkey not found in mesh")
+	var he *HandshakeError
+	switch {
+	case err == nil:
+		p.mu.Lock()
+		c.member = member
+		p.mu.Unlock()
+		return
+	case !errors.As(err, &he):
+		p.log.Warn("recheck member after reattach", "presence_id", c.PresenceID, "err", err)
+		return
+	}
+	p.log.Info("reattached member no longer in the mesh", "presence_id", c.PresenceID, "mesh", c.MeshID, "code", he.Code)
+	out.Offer(protocol.MustEncode(protocol.ErrorFrame{Type: "error", Code: he.Code, Message: he.Message}))
+	out.Close(protocol.HandshakeClose(he.Code))
+	p.evict(c, EvictRevoked, true)
 }
 
 // authorize is the two-step member lookup: active member, else revoked
@@ -327,8 +378,20 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 	if c, err := p.reattach(ctx, out, in, effectiveName, policy, profile, services); c != nil || err != nil {
 		if err == nil {
 			p.metrics.ReattachLatency.Observe(p.now().Sub(started).Seconds())
+			if in.leaseMember {
+				go p.recheckMember(c, out)
+			}
 		}
 		return c, err
+	}
+	if in.leaseMember {
+		// The lease went away meanwhile: this is a fresh hello after all,
+		// and a fresh hello looks its member up.
+		if in.member, err = p.authorize(ctx, in.meshID, in.memberPubkey, "pubkey not found in mesh"); err != nil {
+			return nil, err
+		}
+		in.leaseMember = false
+		return p.admit(ctx, out, in, started)
 	}
 	if in.resumed {
 		// The lease went away between the token check and now: the token
@@ -385,7 +448,7 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 
 	now := p.now()
 	c := &Conn{
-		PresenceID: models.NewID(), MeshID: in.meshID, MemberID: member.ID, MemberPubkey: in.memberPubkey,
+		PresenceID: models.NewID(), MeshID: in.meshID, MemberID: member.ID, MemberPubkey: in.memberPubkey, member: member,
 		SessionPubkey: in.sessionPubkey, HasSession: in.hasSession, Role: in.role, ConnectedAt: now,
 		sessionID: in.sessionID, hasSID: in.hasSID, displayName: effectiveName, pid: in.pid, cwd: in.cwd,
 		hostname: in.hostname, peerType: in.peerType, channel: in.channel, model: in.model,

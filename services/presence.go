@@ -71,6 +71,7 @@ const (
 	EvictDisconnect   EvictReason = "disconnect"
 	EvictBan          EvictReason = "ban"
 	EvictDefensive    EvictReason = "defensive"
+	EvictRevoked      EvictReason = "revoked" // a reattached member turned out revoked or deleted
 )
 
 type evictHook struct {
@@ -120,6 +121,7 @@ type Conn struct {
 	leaseGen    uint64
 	leaseTimer  *time.Timer
 	lastPongAt  time.Time
+	member      *MemberRow // as last read: at admission, or by the check after a reattach
 }
 
 // RoutingPubkey is the key peers address this presence by: the session key
