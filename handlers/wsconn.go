@@ -412,10 +412,19 @@ func (s *Server) handleWS(c echo.Context) error {
 	// a handler blocked in the read loop would pin for the socket's life.
 	go func() {
 		defer s.wg.Done()
+		defer func() {
+			s.mu.Lock()
+			delete(s.socks, w)
+			s.mu.Unlock()
+		}()
+		// Not under net/http's or echo's recovery any more: a panic in the
+		// teardown (the reader has its own) must not take the broker down.
+		defer func() {
+			if r := recover(); r != nil {
+				w.logAt(slog.LevelError, "socket teardown panic", "panic", r)
+			}
+		}()
 		w.serve()
-		s.mu.Lock()
-		delete(s.socks, w)
-		s.mu.Unlock()
 	}()
 	return nil
 }
@@ -442,8 +451,9 @@ func remoteShort(a net.Addr) string {
 	return a.String()
 }
 
-// serve runs the reader in this goroutine and the writer beside it; both
-// have stopped when it returns, and the presence (if any) has been told.
+// serve runs the reader in this goroutine, with writers coming and going
+// beside it; all have stopped when it returns, and the presence (if any)
+// has been told.
 func (w *wsConn) serve() {
 	cfg := w.srv.cfg
 	w.qmu.Lock()
@@ -457,7 +467,13 @@ func (w *wsConn) serve() {
 		}
 	})
 	w.ws.SetReadLimit(int64(cfg.MaxMessageBytes))
-	_ = w.ws.SetReadDeadline(time.Now().Add(cfg.PongTimeout))
+	select {
+	case <-w.closing:
+		// Closed before serving began (a shutdown): keep the close grace
+		// the writer set on the read deadline.
+	default:
+		_ = w.ws.SetReadDeadline(time.Now().Add(cfg.PongTimeout))
+	}
 	w.ws.SetPongHandler(func(payload string) error {
 		_ = w.ws.SetReadDeadline(time.Now().Add(cfg.PongTimeout))
 		if seq, err := strconv.ParseUint(payload, 10, 64); err == nil && seq > w.confirmed.Load() {
@@ -468,26 +484,7 @@ func (w *wsConn) serve() {
 		}
 		return nil
 	})
-	// Any inbound frame proves the peer alive too: a client busy sending has
-	// its pong queued behind its own frames, and must not be cut off as
-	// stale while the broker works through them. Renewed at most once a
-	// second, so a flood of frames costs no extra work.
-	lastAlive := time.Now()
-	for {
-		_, data, err := w.ws.ReadMessage()
-		if err != nil {
-			w.logReadEnd(err)
-			break
-		}
-		if now := time.Now(); now.Sub(lastAlive) >= time.Second {
-			lastAlive = now
-			_ = w.ws.SetReadDeadline(now.Add(cfg.PongTimeout))
-			if w.presence != nil {
-				w.srv.svc.Presence.Pong(w.presence)
-			}
-		}
-		onFreshStack(func() { w.dispatch(data) })
-	}
+	w.readFrames()
 	helloTimer.Stop()
 	// Sends already accepted still get their commit, ack and pushes (the
 	// ack may no longer reach this socket; the row is stored either way).
@@ -508,6 +505,38 @@ func (w *wsConn) serve() {
 	w.qmu.Unlock()
 	if w.presence != nil {
 		w.srv.svc.Presence.Closed(w.presence, w)
+	}
+}
+
+// readFrames reads and dispatches frames until the socket ends. A panic
+// anywhere on the way (dispatch recovers its handlers' own) ends this
+// socket only: it is logged, and serve tears the socket down as after any
+// read error.
+func (w *wsConn) readFrames() {
+	defer func() {
+		if r := recover(); r != nil {
+			w.logAt(slog.LevelError, "socket reader panic", "panic", r)
+		}
+	}()
+	// Any inbound frame proves the peer alive too: a client busy sending has
+	// its pong queued behind its own frames, and must not be cut off as
+	// stale while the broker works through them. Renewed at most once a
+	// second, so a flood of frames costs no extra work.
+	lastAlive := time.Now()
+	for {
+		_, data, err := w.ws.ReadMessage()
+		if err != nil {
+			w.logReadEnd(err)
+			return
+		}
+		if now := time.Now(); now.Sub(lastAlive) >= time.Second {
+			lastAlive = now
+			_ = w.ws.SetReadDeadline(now.Add(w.srv.cfg.PongTimeout))
+			if w.presence != nil {
+				w.srv.svc.Presence.Pong(w.presence)
+			}
+		}
+		onFreshStack(func() { w.dispatch(data) })
 	}
 }
 
