@@ -482,3 +482,39 @@ func TestReattachOfRevokedMemberEnds(t *testing.T) {
 	}
 	rejected(t, b, f.a, client.Options{Session: &sess}, "revoked", 4002, "You've been removed")
 }
+
+// Sessions of one member closing at once each add their stats to the
+// member's running totals in peer_state; none is lost to another's save.
+func TestPeerStateStatsAddUpAcrossSessions(t *testing.T) {
+	b := startTestBroker(t, withLease(time.Hour))
+	f := b.fixture()
+	const n = 8
+	socks := make([]*client.Client, n)
+	for i := range socks {
+		s := client.NewSession()
+		socks[i] = b.connect(f.a, client.Options{Session: &s})
+		_ = socks[i].WriteJSON(map[string]any{"type": "set_stats", "stats": map[string]any{"messagesIn": i + 1, "errors": 1}})
+		_, _ = socks[i].ListPeers(ctxT(t)) // set_stats is answered by nothing; this orders after it
+	}
+	var wg sync.WaitGroup
+	for _, c := range socks {
+		wg.Go(c.Kill)
+	}
+	wg.Wait()
+	var got string
+	waitFor(t, 5*time.Second, "all eight saves", func() bool {
+		var rows []string
+		b.query(&rows, "SELECT cumulative_stats FROM {peer_state} WHERE member_id = ?", f.a.MemberID)
+		if len(rows) != 1 {
+			return false
+		}
+		got = rows[0]
+		var stats map[string]float64
+		return json.Unmarshal([]byte(got), &stats) == nil && stats["errors"] == n
+	})
+	var stats map[string]float64
+	_ = json.Unmarshal([]byte(got), &stats)
+	if stats["messagesIn"] != n*(n+1)/2 {
+		t.Fatalf("cumulative stats %s, want messagesIn %d", got, n*(n+1)/2)
+	}
+}

@@ -402,8 +402,12 @@ func auditInsert(db *models.DB, table string, entries []auditEntry, prevs, hashe
 // (04 §1.2): the first 8 bytes of SHA-256("audit:"+meshID), big-endian, top
 // bit cleared so it is a non-negative bigint. Other processes writing the
 // same chain use the same key; the migration lock (7473773831) is another.
-func auditLockKey(meshID string) int64 {
-	sum := sha256.Sum256([]byte("audit:" + meshID))
+func auditLockKey(meshID string) int64 { return advisoryLockKey("audit:" + meshID) }
+
+// advisoryLockKey is a pg_advisory_xact_lock key for name: the first 8
+// bytes of its SHA-256, big-endian, top bit cleared.
+func advisoryLockKey(name string) int64 {
+	sum := sha256.Sum256([]byte(name))
 	return int64(binary.BigEndian.Uint64(sum[:8]) & math.MaxInt64)
 }
 

@@ -83,9 +83,19 @@ var statKeys = []string{"messagesIn", "messagesOut", "toolCalls", "errors"}
 
 // savePeerState upserts the member's row on every close that enters grace.
 // Errors are logged: a lost save costs a restored profile, not a message.
+// The deadline covers the wait for one of the bgSlots too, so a database
+// that hangs during a mass disconnect holds shutdown (which waits for these
+// saves) for ten seconds, not ten seconds per slot-full of sockets.
 func (p *PresenceService) savePeerState(s peerStateSnapshot) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	select {
+	case p.bgSlots <- struct{}{}:
+		defer func() { <-p.bgSlots }()
+	case <-ctx.Done():
+		p.log.Warn("save peer state", "mesh", s.meshID, "member", s.memberID, "err", "no writer free within 10s")
+		return
+	}
 	if err := p.savePeerStateCtx(ctx, s); err != nil {
 		p.log.Warn("save peer state", "mesh", s.meshID, "member", s.memberID, "err", err)
 	}
@@ -110,6 +120,15 @@ func (p *PresenceService) savePeerStateCtx(ctx context.Context, s peerStateSnaps
 
 func (p *PresenceService) savePeerStateTx(tx *gorm.DB, s peerStateSnapshot) error {
 	tbl := p.db.Table("peer_state")
+	// Two sessions of one member closing together must not both add to the
+	// same old totals, nor both find no row and insert: the member's saves
+	// take turns from this read to the commit (on SQLite the transaction
+	// holds the database's write lock already).
+	if p.db.IsPostgres() {
+		if err := tx.Exec("SELECT pg_advisory_xact_lock(?)", advisoryLockKey("peer_state:"+s.meshID+"|"+s.memberID)).Error; err != nil {
+			return fmt.Errorf("lock peer state: %w", err)
+		}
+	}
 	var prev []struct{ CumulativeStats models.JSON }
 	if err := tx.Raw("SELECT cumulative_stats FROM "+tbl+" WHERE mesh_id = ? AND member_id = ?", s.meshID, s.memberID).Scan(&prev).Error; err != nil {
 		return fmt.Errorf("read peer state: %w", err)

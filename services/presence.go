@@ -403,11 +403,7 @@ func (p *PresenceService) Closed(c *Conn, out Outbox) {
 	for _, fn := range p.onDetach {
 		fn(c, out, unsent)
 	}
-	p.bg.Go(func() {
-		p.bgSlots <- struct{}{}
-		defer func() { <-p.bgSlots }()
-		p.savePeerState(snap)
-	})
+	p.bg.Go(func() { p.savePeerState(snap) })
 }
 
 // Wait blocks until the background writes Closed started have finished;
