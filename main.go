@@ -244,7 +244,9 @@ func (b *broker) startJobs(ctx context.Context) {
 		return err
 	})
 	b.every(ctx, "rate limit gc", cfg.RateLimitGCInterval, func(context.Context) error { b.status.GCBuckets(); b.messaging.GCBuckets(); return nil })
-	if cfg.MemoryTrimEvery > 0 {
+	// With the collector off (GOGC=off) the broker would always look quiet
+	// and every trim would force the collection the operator turned off.
+	if cfg.MemoryTrimEvery > 0 && cfg.GCPercent >= 0 {
 		trimmer := services.NewMemoryTrimmer(cfg.MemoryTrimMin)
 		b.every(ctx, "memory trim", cfg.MemoryTrimEvery, func(context.Context) error {
 			if trimmer.Tick() {
