@@ -29,7 +29,10 @@ import (
 // there, so neither the queueing delay nor a later change to the caller's
 // map can alter what is hashed, and then offers the entry to queue without
 // waiting: a reply never waits on the database. A full queue is counted and
-// logged, never waited on. One writer goroutine (run) owns everything after
+// logged, never waited on, except by RecordPaced (a send's message_sent, on
+// the goroutine that acks it), which waits up to auditPaceWait for room, so
+// senders outrunning the writer are slowed to its pace rather than losing
+// their entries. One writer goroutine (run) owns everything after
 // that: it takes whatever is queued, up to maxAuditBatch entries, splits it
 // by mesh in arrival order and appends each mesh's share in one
 // transaction. mu guards only closed, so that Close can shut producers out
@@ -76,6 +79,9 @@ const (
 	// INSERT: eight arrays on Postgres; on SQLite 8 parameters a row, 8,192
 	// in all, below its limit of 32,766.
 	maxAuditBatch = 1024
+	// auditPaceWait bounds how long RecordPaced waits for room in a full
+	// queue before the entry is given up.
+	auditPaceWait = 5 * time.Second
 	// auditTxTimeout bounds one append transaction, including the wait for
 	// another process's advisory lock.
 	auditTxTimeout = 30 * time.Second
@@ -171,6 +177,20 @@ func (a *AuditService) Close(ctx context.Context) error {
 // closed) is logged with its metadata, never its payload, and counted in
 // AuditFailed.
 func (a *AuditService) Record(meshID, eventType, actorMemberID, actorName string, payload map[string]any) {
+	a.record(meshID, eventType, actorMemberID, actorName, payload, 0)
+}
+
+// RecordPaced is Record for a caller that may be slowed down: when the
+// queue is full it waits for room, up to auditPaceWait, before giving the
+// entry up. Sends record their message_sent this way, on the goroutine that
+// acks them, so a burst that outruns the audit writer is held to its pace
+// (acks come later, the socket stops being read) instead of losing its
+// audit entries: unpaced, 100 x 3,000 messages lost 119,087 of 300,000.
+func (a *AuditService) RecordPaced(meshID, eventType, actorMemberID, actorName string, payload map[string]any) {
+	a.record(meshID, eventType, actorMemberID, actorName, payload, auditPaceWait)
+}
+
+func (a *AuditService) record(meshID, eventType, actorMemberID, actorName string, payload map[string]any, wait time.Duration) {
 	e := auditEntry{
 		meshID: meshID, eventType: eventType,
 		actorMemberID: nullIfEmpty(actorMemberID), actorName: nullIfEmpty(actorName),
@@ -186,13 +206,16 @@ func (a *AuditService) Record(meshID, eventType, actorMemberID, actorName string
 		}
 	}
 	e.payload = canon
-	if err := a.enqueue(e); err != nil {
+	if err := a.enqueue(e, wait); err != nil {
 		a.fail(e, err)
 	}
 }
 
-// enqueue offers e to the writer without blocking.
-func (a *AuditService) enqueue(e auditEntry) error {
+// enqueue offers e to the writer, waiting up to wait for room in a full
+// queue. The read lock is held while waiting, so Close (which takes the
+// write lock before the final drain) cannot strand the entry; the writer
+// does not need the lock, so the wait always ends.
+func (a *AuditService) enqueue(e auditEntry, wait time.Duration) error {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	if a.closed {
@@ -205,9 +228,18 @@ func (a *AuditService) enqueue(e auditEntry) error {
 	case a.queue <- &e: // a pointer: the queue's buffer is 64K slots, resident once used
 		return nil
 	default:
-		a.metrics.AuditPending.Dec()
-		return errAuditQueueFull
 	}
+	if wait > 0 {
+		t := time.NewTimer(wait)
+		defer t.Stop()
+		select {
+		case a.queue <- &e:
+			return nil
+		case <-t.C:
+		}
+	}
+	a.metrics.AuditPending.Dec()
+	return errAuditQueueFull
 }
 
 // fail records the loss of e. The log line is the entry's last trace, so it

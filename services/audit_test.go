@@ -612,6 +612,39 @@ func TestAuditQueueFullCountsAndNeverBlocks(t *testing.T) {
 	wantAuditValid(t, auditVerify(t, a, mesh), 2)
 }
 
+// RecordPaced waits for room instead of dropping: with the queue full and
+// the writer not yet running it does not return, and once the writer runs
+// its entry is written like the others.
+func TestAuditRecordPacedWaitsForRoom(t *testing.T) {
+	db := modelstest.OpenTestDB(t)
+	mesh := auditMakeMesh(t, db)
+	a := newAuditForTest(t, db)
+	a.queue = make(chan *auditEntry, 2) // before any use; the writer is not running
+	a.Record(mesh, "peer_left", "", "", nil)
+	a.Record(mesh, "peer_left", "", "", nil)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.RecordPaced(mesh, "message_sent", "m1", "alice", map[string]any{"targetSpec": "*", "priority": "now"})
+	}()
+	select {
+	case <-done:
+		t.Fatal("RecordPaced returned while the queue was full")
+	case <-time.After(50 * time.Millisecond):
+	}
+	a.Start()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("RecordPaced still waiting after the writer started")
+	}
+	auditClose(t, a)
+	if f, w := auditMetric(t, a.metrics.AuditFailed), auditMetric(t, a.metrics.AuditWritten); f != 0 || w != 3 {
+		t.Fatalf("failed %v, written %v; want 0, 3", f, w)
+	}
+	wantAuditValid(t, auditVerify(t, a, mesh), 3)
+}
+
 // One entry the database refuses does not take its batch with it: a mesh
 // that does not exist (foreign key), and on Postgres a string holding
 // U+0000, which jsonb cannot store.

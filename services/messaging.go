@@ -49,7 +49,7 @@ type MessagingService struct {
 	queue    *QueueService
 	status   *StatusService
 	members  *MemberDirectory
-	audit    Auditor
+	audit    SendAuditor
 	limiter  *TokenBuckets
 
 	drains sync.WaitGroup      // running drain goroutines
@@ -95,9 +95,17 @@ type acceptWait struct {
 	ack  protocol.Ack
 }
 
+// SendAuditor is the audit messaging records to: Auditor, plus RecordPaced
+// for the one entry per message, which may slow the sender rather than be
+// dropped.
+type SendAuditor interface {
+	Auditor
+	RecordPaced(meshID, eventType, actorMemberID, actorName string, payload map[string]any)
+}
+
 // NewMessagingService wires messaging; Attach connects it to presence.
 func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, now func() time.Time, presence *PresenceService,
-	queue *QueueService, status *StatusService, members *MemberDirectory, audit Auditor) *MessagingService {
+	queue *QueueService, status *StatusService, members *MemberDirectory, audit SendAuditor) *MessagingService {
 	m := &MessagingService{
 		cfg: cfg, log: log.With("svc", "messaging"), metrics: metrics, now: now, presence: presence, queue: queue,
 		status: status, members: members, audit: audit,
@@ -817,7 +825,7 @@ func (m *MessagingService) idempotent(ctx context.Context, sender *Conn, key str
 // runs in PendingSend.Wait; after must then not use the frame's ctx.
 func (m *MessagingService) store(ctx context.Context, st *sendState, sender *Conn, req SendRequest, row *QueueRow, reply func(protocol.Ack), after func()) error {
 	finish := func() {
-		m.audit.Record(sender.MeshID, "message_sent", sender.MemberID, m.presence.DisplayName(sender), map[string]any{"targetSpec": row.TargetSpec, "priority": row.Priority})
+		m.audit.RecordPaced(sender.MeshID, "message_sent", sender.MemberID, m.presence.DisplayName(sender), map[string]any{"targetSpec": row.TargetSpec, "priority": row.Priority})
 		reply(protocol.Ack{Type: "ack", ID: req.ID, MessageID: row.ID, Queued: true})
 		after()
 	}
