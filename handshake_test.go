@@ -566,3 +566,55 @@ func TestBadHelloFlood(t *testing.T) {
 	}
 	goroutinesSettle(t, base, 15)
 }
+
+// A closed socket gets its close grace even from a peer that keeps sending:
+// here one that never says hello, never answers the close, and sends a
+// pong every 50 ms. Renewing the read deadline for those pongs used to
+// hold the socket open indefinitely.
+func TestClosedSocketEndsDespiteTraffic(t *testing.T) {
+	b := startTestBroker(t, func(c *config.Config) { c.HelloTimeout = 150 * time.Millisecond })
+	ws, err := client.Dial(ctxT(t), b.url(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	ws.SetCloseHandler(func(int, string) error { return nil }) // never answer the close
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+				if ws.WriteControl(websocket.PongMessage, nil, time.Now().Add(time.Second)) != nil {
+					return
+				}
+			}
+		}
+	}()
+	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, _, err = ws.ReadMessage() // the hello_timeout error frame
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = ws.ReadMessage()
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != 1008 {
+		t.Fatalf("want the hello_timeout close, got %v", err)
+	}
+	// The WebSocket reader is done; watch the TCP connection itself.
+	raw := ws.NetConn()
+	_ = raw.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		_, err := raw.Read(make([]byte, 64))
+		if err == nil {
+			continue
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatal("connection still open 5 s after the hello_timeout close")
+		}
+		return // EOF or reset: the broker dropped it
+	}
+}

@@ -43,6 +43,13 @@ type wsConn struct {
 	closeFrame protocol.Close
 	abrupt     bool // Terminate: drop the TCP connection, no close frame
 
+	// deadlineMu orders read-deadline renewals (reader) against the close
+	// grace (writer): once graced is set no renewal may push the deadline
+	// out again, or a peer that keeps sending (even bare pongs) would hold
+	// a closed socket open.
+	deadlineMu sync.Mutex
+	graced     bool
+
 	authed    atomic.Bool                   // set by the reader after a successful hello; read by the hello timer
 	ident     atomic.Pointer[services.Conn] // the presence, for log lines; set with authed
 	confirmed atomic.Uint64                 // highest write sequence a pong has confirmed; set by the reader
@@ -278,7 +285,10 @@ func (w *wsConn) writeRun() {
 				// The reader returns when the peer answers the close, or at
 				// this deadline: a peer that never answers does not hold
 				// shutdown up.
+				w.deadlineMu.Lock()
+				w.graced = true
 				_ = w.ws.NetConn().SetReadDeadline(time.Now().Add(min(w.srv.cfg.WriteWait, closeGrace)))
+				w.deadlineMu.Unlock()
 			} else if w.abrupt {
 				w.requeue(batch)
 			}
@@ -467,15 +477,9 @@ func (w *wsConn) serve() {
 		}
 	})
 	w.ws.SetReadLimit(int64(cfg.MaxMessageBytes))
-	select {
-	case <-w.closing:
-		// Closed before serving began (a shutdown): keep the close grace
-		// the writer set on the read deadline.
-	default:
-		_ = w.ws.SetReadDeadline(time.Now().Add(cfg.PongTimeout))
-	}
+	w.renewReadDeadline(time.Now())
 	w.ws.SetPongHandler(func(payload string) error {
-		_ = w.ws.SetReadDeadline(time.Now().Add(cfg.PongTimeout))
+		w.renewReadDeadline(time.Now())
 		if seq, err := strconv.ParseUint(payload, 10, 64); err == nil && seq > w.confirmed.Load() {
 			w.confirmed.Store(seq) // only this goroutine stores
 		}
@@ -531,13 +535,23 @@ func (w *wsConn) readFrames() {
 		}
 		if now := time.Now(); now.Sub(lastAlive) >= time.Second {
 			lastAlive = now
-			_ = w.ws.SetReadDeadline(now.Add(w.srv.cfg.PongTimeout))
+			w.renewReadDeadline(now)
 			if w.presence != nil {
 				w.srv.svc.Presence.Pong(w.presence)
 			}
 		}
 		onFreshStack(func() { w.dispatch(data) })
 	}
+}
+
+// renewReadDeadline gives the peer PongTimeout from now to be heard from
+// again, unless the socket is closing and the writer has set its grace.
+func (w *wsConn) renewReadDeadline(now time.Time) {
+	w.deadlineMu.Lock()
+	if !w.graced {
+		_ = w.ws.SetReadDeadline(now.Add(w.srv.cfg.PongTimeout))
+	}
+	w.deadlineMu.Unlock()
 }
 
 // heartbeat asks for the periodic ping and schedules the next one.
