@@ -518,3 +518,37 @@ func TestPeerStateStatsAddUpAcrossSessions(t *testing.T) {
 		t.Fatalf("cumulative stats %s, want messagesIn %d", got, n*(n+1)/2)
 	}
 }
+
+// A member deleted and created again under the same key while its session
+// was away is another member: the reattach is ended as unauthorized.
+func TestReattachOfRecreatedMemberEnds(t *testing.T) {
+	b := startTestBroker(t, withLease(5*time.Second))
+	f := b.fixture()
+	sess := client.NewSession()
+	s := b.connect(f.b, client.Options{Session: &sess})
+	pid := s.HelloAck.PresenceID
+	s.Kill()
+	b.waitOffline(pid)
+
+	b.exec("DELETE FROM {member} WHERE id = ?", f.b.MemberID)
+	if _, err := services.NewProvisionService(b.db, time.Now).AddMember(ctxT(t), f.meshID, f.b.Pubkey(), "bob again", "member"); err != nil {
+		t.Fatal(err)
+	}
+	b.advance(10 * time.Second) // past the member cache
+
+	again := b.connect(f.b, client.Options{Session: &sess})
+	if again.HelloAck.PresenceID != pid {
+		t.Fatalf("reattach got presence %s, want %s", again.HelloAck.PresenceID, pid)
+	}
+	fr := waitFrame(t, again, 2*time.Second, func(f client.Frame) bool { return f.Type == "error" })
+	var e protocol.ErrorFrame
+	if err := fr.Decode(&e); err != nil || e.Code != protocol.CodeUnauthorized {
+		t.Fatalf("error frame %s", fr.Raw)
+	}
+	select {
+	case <-again.Done():
+	case <-time.After(2 * time.Second):
+		t.Fatal("socket not closed")
+	}
+	waitFor(t, 2*time.Second, "presence ended", func() bool { return b.presence.Get(pid) == nil })
+}

@@ -50,7 +50,16 @@ type helloInput struct {
 	// the database: the reattach is checked against the database after its
 	// hello_ack (recheckMember), and a hello that ends up not reattaching
 	// looks the member up before going on.
-	leaseMember bool
+	leaseMember    bool
+	parentMemberID string // session hello: the parentMemberId it claimed, "" if none
+}
+
+// notFoundMessage is the unauthorized message of a hello of this role.
+func notFoundMessage(role PeerRole) string {
+	if role == RoleSession {
+		return "parent pubkey not found in mesh"
+	}
+	return "pubkey not found in mesh"
 }
 
 func rawStr(r json.RawMessage) string {
@@ -122,7 +131,7 @@ func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hel
 	if !ok {
 		return nil, p.rejected(reject(protocol.CodeBadSignature, "hello rejected: bad_signature"))
 	}
-	member, err := p.authorizeHello(ctx, &in, "pubkey not found in mesh")
+	member, err := p.authorizeHello(ctx, &in)
 	if err != nil {
 		return nil, err
 	}
@@ -195,12 +204,13 @@ func (p *PresenceService) SessionHello(ctx context.Context, out Outbox, h *proto
 	if ok, err := protocol.Verify(sessionPubkey, protocol.SessionHelloString(h.MeshID, parent, sessionPubkey, ts), sig); err != nil || !ok {
 		return nil, sesReject(protocol.CodeBadSignature)
 	}
-	member, err := p.authorizeHello(ctx, &in, "parent pubkey not found in mesh")
+	in.parentMemberID = rawStr(h.ParentMemberID)
+	member, err := p.authorizeHello(ctx, &in)
 	if err != nil {
 		return nil, err
 	}
-	if pmid := rawStr(h.ParentMemberID); pmid != "" && pmid != member.ID {
-		return nil, p.rejected(reject(protocol.CodeParentMismatch, "parentMemberId does not match parentMemberPubkey"))
+	if err := p.checkParentID(&in, member); err != nil {
+		return nil, err
 	}
 	in.member = member
 	return p.admit(ctx, out, &in, started)
@@ -249,7 +259,7 @@ func (p *PresenceService) tryResume(ctx context.Context, out Outbox, meshID stri
 // reconnect storm costs no member query before its hello_ack; recheckMember
 // then confirms the member against the database and ends the presence if
 // it was revoked meanwhile. Any other hello looks the member up first.
-func (p *PresenceService) authorizeHello(ctx context.Context, in *helloInput, notFound string) (*MemberRow, error) {
+func (p *PresenceService) authorizeHello(ctx context.Context, in *helloInput) (*MemberRow, error) {
 	p.mu.RLock()
 	var m *MemberRow
 	if c := p.findReattachLocked(in); c != nil {
@@ -260,33 +270,64 @@ func (p *PresenceService) authorizeHello(ctx context.Context, in *helloInput, no
 		in.leaseMember = true
 		return m, nil
 	}
-	return p.authorize(ctx, in.meshID, in.memberPubkey, notFound)
+	return p.authorize(ctx, in.meshID, in.memberPubkey, notFoundMessage(in.role))
 }
 
-// recheckMember is the member check a reattach skipped (authorizeHello). A
-// member revoked or deleted while the session was away gets what its hello
-// would have got, the rejection frame and close, after its hello_ack, and
-// the presence ends. A failing lookup keeps the presence: the member was
-// valid when the lease was admitted.
+// checkParentID rejects a session hello whose parentMemberId names another
+// member than its parent key does.
+func (p *PresenceService) checkParentID(in *helloInput, member *MemberRow) error {
+	if in.parentMemberID != "" && in.parentMemberID != member.ID {
+		return p.rejected(reject(protocol.CodeParentMismatch, "parentMemberId does not match parentMemberPubkey"))
+	}
+	return nil
+}
+
+// recheckMember is the member check a reattach skipped (authorizeHello),
+// run right after its hello_ack; out is the socket it reattached. A member
+// revoked, deleted (or deleted and re-created under the same key) while
+// the session was away gets what its hello would have got, the rejection
+// frame and close, and the presence ends. A failing lookup closes the
+// socket as a failing hello does (1011, retry) and leaves the lease to the
+// next attempt. If another socket has taken the presence over meanwhile,
+// that socket's own hello answers for it and nothing is done here.
 func (p *PresenceService) recheckMember(c *Conn, out Outbox) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	member, err := p.authorize(ctx, c.MeshID, c.MemberPubkey, "pubkey not found in mesh")
+	notFound := notFoundMessage(c.Role)
+	member, err := p.authorize(ctx, c.MeshID, c.MemberPubkey, notFound)
+	if err == nil && member.ID != c.MemberID {
+		err = p.rejected(reject(protocol.CodeUnauthorized, notFound))
+	}
 	var he *HandshakeError
-	switch {
-	case err == nil:
-		p.mu.Lock()
+	if err != nil && !errors.As(err, &he) {
+		p.log.Warn("recheck member after reattach", "presence_id", c.PresenceID, "err", err)
+		p.mu.RLock()
+		current := c.out == out
+		p.mu.RUnlock()
+		if current {
+			out.Offer(protocol.MustEncode(protocol.ErrorFrame{Type: "error", Code: protocol.CodeInternal, Message: "internal error"}))
+			out.Close(protocol.Close{Code: 1011, Reason: "internal error", Retry: true})
+		}
+		return
+	}
+	p.mu.Lock()
+	if c.out != out || p.conns[c.PresenceID] != c {
+		p.mu.Unlock()
+		return
+	}
+	if err == nil {
 		c.member = member
 		p.mu.Unlock()
 		return
-	case !errors.As(err, &he):
-		p.log.Warn("recheck member after reattach", "presence_id", c.PresenceID, "err", err)
-		return
 	}
+	removed := p.removeLocked(c)
+	p.mu.Unlock()
 	p.log.Info("reattached member no longer in the mesh", "presence_id", c.PresenceID, "mesh", c.MeshID, "code", he.Code)
 	out.Offer(protocol.MustEncode(protocol.ErrorFrame{Type: "error", Code: he.Code, Message: he.Message}))
 	out.Close(protocol.HandshakeClose(he.Code))
-	p.evict(c, EvictRevoked, true)
+	if removed {
+		p.afterRemoval(c, EvictRevoked, true)
+	}
 }
 
 // authorize is the two-step member lookup: active member, else revoked
@@ -379,7 +420,7 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 		if err == nil {
 			p.metrics.ReattachLatency.Observe(p.now().Sub(started).Seconds())
 			if in.leaseMember {
-				go p.recheckMember(c, out)
+				p.bg.Go(func() { p.recheckMember(c, out) }) // waited for before storage closes
 			}
 		}
 		return c, err
@@ -387,7 +428,10 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 	if in.leaseMember {
 		// The lease went away meanwhile: this is a fresh hello after all,
 		// and a fresh hello looks its member up.
-		if in.member, err = p.authorize(ctx, in.meshID, in.memberPubkey, "pubkey not found in mesh"); err != nil {
+		if in.member, err = p.authorize(ctx, in.meshID, in.memberPubkey, notFoundMessage(in.role)); err != nil {
+			return nil, err
+		}
+		if err := p.checkParentID(in, in.member); err != nil {
 			return nil, err
 		}
 		in.leaseMember = false

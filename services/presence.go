@@ -43,7 +43,7 @@ type PresenceService struct {
 	onAttach []func(c *Conn, fresh bool)
 	onDetach []func(c *Conn, out Outbox, unsent []string)
 	onEvict  []evictHook
-	bg       sync.WaitGroup // savePeerState writes started by Closed
+	bg       sync.WaitGroup // peer-state saves started by Closed, member rechecks started by reattaches
 	bgSlots  chan struct{}  // bounds concurrent savePeerState writes; static
 
 	mu       sync.RWMutex
@@ -406,7 +406,8 @@ func (p *PresenceService) Closed(c *Conn, out Outbox) {
 	p.bg.Go(func() { p.savePeerState(snap) })
 }
 
-// Wait blocks until the background writes Closed started have finished;
+// Wait blocks until the background work started by Closed (peer-state
+// saves) and by reattaches (member rechecks) has finished;
 // the broker calls it after every socket is gone, before closing storage.
 func (p *PresenceService) Wait() { p.bg.Wait() }
 
