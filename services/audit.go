@@ -12,6 +12,7 @@ import (
 	"math"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"gorm.io/gorm"
@@ -66,6 +67,12 @@ type AuditService struct {
 
 	startOnce sync.Once
 
+	// stalled is set when a paced wait ran out (the writer is stuck, say on
+	// another process's lock) and cleared by the writer's next batch; while
+	// set, RecordPaced does not wait, so a stuck writer costs each sender
+	// one wait, not one per message.
+	stalled atomic.Bool
+
 	mu     sync.RWMutex
 	closed bool // guarded by mu; set by Close, after which Record refuses entries
 }
@@ -80,8 +87,9 @@ const (
 	// in all, below its limit of 32,766.
 	maxAuditBatch = 1024
 	// auditPaceWait bounds how long RecordPaced waits for room in a full
-	// queue before the entry is given up.
-	auditPaceWait = 5 * time.Second
+	// queue before the entry is given up: many batches' time for a writer
+	// that is merely behind.
+	auditPaceWait = time.Second
 	// auditTxTimeout bounds one append transaction, including the wait for
 	// another process's advisory lock.
 	auditTxTimeout = 30 * time.Second
@@ -182,7 +190,7 @@ func (a *AuditService) Record(meshID, eventType, actorMemberID, actorName string
 
 // RecordPaced is Record for a caller that may be slowed down: when the
 // queue is full it waits for room, up to auditPaceWait, before giving the
-// entry up. Sends record their message_sent this way, on the goroutine that
+// entry up (and until the writer moves again, later callers do not wait). Sends record their message_sent this way, on the goroutine that
 // acks them, so a burst that outruns the audit writer is held to its pace
 // (acks come later, the socket stops being read) instead of losing its
 // audit entries: unpaced, 100 x 3,000 messages lost 119,087 of 300,000.
@@ -229,13 +237,14 @@ func (a *AuditService) enqueue(e auditEntry, wait time.Duration) error {
 		return nil
 	default:
 	}
-	if wait > 0 {
+	if wait > 0 && !a.stalled.Load() {
 		t := time.NewTimer(wait)
 		defer t.Stop()
 		select {
 		case a.queue <- &e:
 			return nil
 		case <-t.C:
+			a.stalled.Store(true)
 		}
 	}
 	a.metrics.AuditPending.Dec()
@@ -302,6 +311,7 @@ func (a *AuditService) fill(batch []auditEntry) []auditEntry {
 // failed, so the pending gauge drops by the whole batch.
 func (a *AuditService) write(batch []auditEntry) {
 	defer a.metrics.AuditPending.Sub(float64(len(batch)))
+	defer a.stalled.Store(false)
 	for _, group := range groupByMesh(batch) {
 		a.appendGroup(group)
 	}
