@@ -83,19 +83,20 @@ var statKeys = []string{"messagesIn", "messagesOut", "toolCalls", "errors"}
 
 // savePeerState upserts the member's row on every close that enters grace.
 // Errors are logged: a lost save costs a restored profile, not a message.
-// The deadline covers the wait for one of the bgSlots too, so a database
-// that hangs during a mass disconnect holds shutdown (which waits for these
-// saves) for ten seconds, not ten seconds per slot-full of sockets.
+// A save waits for one of the bgSlots for as long as it takes, except once
+// shutdown has begun: then it gives up, so a database that hangs during a
+// mass disconnect holds shutdown (which waits for these saves) for the
+// running saves' ten seconds, not ten seconds per slot-full of sockets.
 func (p *PresenceService) savePeerState(s peerStateSnapshot) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	select {
 	case p.bgSlots <- struct{}{}:
 		defer func() { <-p.bgSlots }()
-	case <-ctx.Done():
-		p.log.Warn("save peer state", "mesh", s.meshID, "member", s.memberID, "err", "no writer free within 10s")
+	case <-p.stopping:
+		p.log.Warn("save peer state", "mesh", s.meshID, "member", s.memberID, "err", "broker stopping before a writer was free")
 		return
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	if err := p.savePeerStateCtx(ctx, s); err != nil {
 		p.log.Warn("save peer state", "mesh", s.meshID, "member", s.memberID, "err", err)
 	}

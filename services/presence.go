@@ -45,6 +45,8 @@ type PresenceService struct {
 	onEvict  []evictHook
 	bg       sync.WaitGroup // peer-state saves started by Closed, member rechecks started by reattaches
 	bgSlots  chan struct{}  // bounds concurrent savePeerState writes; static
+	stopping chan struct{}  // closed when Shutdown begins: saves still waiting for a slot give up
+	stopOnce sync.Once
 
 	mu       sync.RWMutex
 	conns    map[string]*Conn            // presenceID -> entry
@@ -172,7 +174,7 @@ func NewPresenceService(cfg config.Config, db *models.DB, log *slog.Logger, metr
 		cfg: cfg, db: db, log: log.With("svc", "presence"), metrics: metrics, members: members,
 		status: status, audit: audit, resume: resume, now: now,
 		conns: map[string]*Conn{}, byMesh: map[string]map[string]*Conn{}, byKey: map[string][]*Conn{},
-		pongs: map[string]struct{}{}, bgSlots: make(chan struct{}, peerStateWriters),
+		pongs: map[string]struct{}{}, bgSlots: make(chan struct{}, peerStateWriters), stopping: make(chan struct{}),
 	}
 }
 
@@ -530,6 +532,7 @@ func (p *PresenceService) markDisconnected(ctx context.Context, ids []string) er
 // Shutdown marks this process's live presence rows disconnected (S2) and
 // closes every socket with 1001. No peer_left, no grace.
 func (p *PresenceService) Shutdown(ctx context.Context) error {
+	p.stopOnce.Do(func() { close(p.stopping) })
 	p.mu.Lock()
 	p.shutdown = true
 	ids := make([]string, 0, len(p.conns))
