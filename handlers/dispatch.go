@@ -240,11 +240,24 @@ type completion struct {
 func (w *wsConn) completeSends(done chan<- struct{}) {
 	defer close(done)
 	for c := range w.completions {
-		if err := c.pending.Wait(); err != nil {
-			w.logAt(slog.LevelError, "send", "err", err)
-			w.reply(protocol.NewError(protocol.CodeInternal, "message not stored, retry", c.head))
+		w.completeSend(c)
+	}
+}
+
+// completeSend waits for one send's commit, then acks and delivers it. A
+// panic there is logged and costs that send its ack (the client retries,
+// and a stored row is deduplicated by its client id), never the broker or
+// the sends after it.
+func (w *wsConn) completeSend(c completion) {
+	defer w.sendsPending.Done()
+	defer func() {
+		if r := recover(); r != nil {
+			w.logAt(slog.LevelError, "send completion panic", "type", c.head.Type, "panic", r)
 		}
-		w.sendsPending.Done()
+	}()
+	if err := c.pending.Wait(); err != nil {
+		w.logAt(slog.LevelError, "send", "err", err)
+		w.reply(protocol.NewError(protocol.CodeInternal, "message not stored, retry", c.head))
 	}
 }
 

@@ -258,6 +258,13 @@ const confirmDelay = 100 * time.Millisecond
 // gives the peer WriteWait to answer before the reader's deadline ends the
 // connection. A write error ends the socket.
 func (w *wsConn) writeRun() {
+	defer func() {
+		if r := recover(); r != nil {
+			w.logAt(slog.LevelError, "socket writer panic", "panic", r)
+			w.Terminate()
+			w.exitWriter()
+		}
+	}()
 	bc, _ := w.ws.NetConn().(*batchConn)
 	for {
 		w.qmu.Lock()
@@ -303,12 +310,15 @@ func (w *wsConn) writeRun() {
 	}
 }
 
-// exitWriter ends writing for good.
+// exitWriter ends writing for good; a second call does nothing.
 func (w *wsConn) exitWriter() {
 	w.qmu.Lock()
+	already := w.writerExited
 	w.writing, w.writerExited = false, true
 	w.qmu.Unlock()
-	close(w.writerDone)
+	if !already {
+		close(w.writerDone)
+	}
 }
 
 // writeBatch writes frames, coalesced into few syscalls through bc when

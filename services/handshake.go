@@ -291,6 +291,11 @@ func (p *PresenceService) checkParentID(in *helloInput, member *MemberRow) error
 // next attempt. If another socket has taken the presence over meanwhile,
 // that socket's own hello answers for it and nothing is done here.
 func (p *PresenceService) recheckMember(c *Conn, out Outbox) {
+	defer func() {
+		if r := recover(); r != nil {
+			p.log.Error("recheck member panic", "presence_id", c.PresenceID, "panic", r)
+		}
+	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	notFound := notFoundMessage(c.Role)
