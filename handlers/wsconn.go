@@ -23,11 +23,17 @@ import (
 // concurrent writer: serve's loop is the only reader, and at most one writer
 // goroutine runs at a time; anyone may call Offer, Close and Terminate.
 //
-// The writer runs on demand: Offer, a due ping or the close starts it, and
-// it exits once nothing is left to write, so an idle socket holds one
-// goroutine (the reader) and two stopped-or-waiting timers, not a second
-// parked stack. Successive writer goroutines hand over under qmu, which
-// orders the writer-owned fields between them.
+// Concurrency: serve runs on a goroutine of its own (the HTTP handler has
+// returned). It reads frames and hands each to a short-lived goroutine that
+// it waits for, so the long-lived reader's stack stays small; reader-owned
+// fields are touched only by the two in turn. The writer runs on demand:
+// Offer, a due ping or the close starts it, and it exits once nothing is
+// left to write, so an idle socket holds one goroutine (the reader) and two
+// stopped-or-waiting timers, not a second parked stack. Successive writer
+// goroutines hand over under qmu, which orders the writer-owned fields
+// between them. Pipelined sends are completed, in order, by one completer
+// goroutine started at the socket's first send. A panic in any of these
+// ends the socket (or the one send), never the broker.
 //
 // Policy for a second socket of one session: the presence service decides
 // (reattach, takeover or dedup); this type only carries frames.
