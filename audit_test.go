@@ -17,6 +17,13 @@ func TestAuditOverSocket(t *testing.T) {
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})
 	bob := b.connect(f.b, client.Options{})
+	// A join is audited just after its hello_ack goes out: wait for both,
+	// so the send below is the newest entry.
+	waitFor(t, 2*time.Second, "2 peer_joined rows", func() bool {
+		var k int64
+		b.query(&k, "SELECT count(*) FROM {audit_log} WHERE mesh_id = ? AND event_type = 'peer_joined'", f.meshID)
+		return k == 2
+	})
 	n, c := sealTo(t, f.a.Key, pub(f.b.Key), "secret body")
 	if _, err := a.Send(ctxT(t), client.SendRequest{TargetSpec: f.b.Pubkey(), Nonce: n, Ciphertext: c}); err != nil {
 		t.Fatal(err)
