@@ -237,10 +237,7 @@ func TestEveryPriorityDuringGrace(t *testing.T) {
 	b := startTestBroker(t, withLease(3*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
-	sess := client.NewSession()
-	s := b.connect(f.a, client.Options{Session: &sess})
-	s.Kill()
-	b.waitOffline(s.HelloAck.PresenceID) // the broker has seen the socket go
+	sess, _ := b.graceSession(f.a) // the broker has seen the socket go
 	var ids []string
 	for _, prio := range []string{"low", "now", "next", "now", "low"} {
 		n, c := sealTo(t, f.b.Key, pub(sess.Key), prio)
