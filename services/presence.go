@@ -27,6 +27,13 @@ import (
 // race turns a late timer into a no-op, and eviction runs exactly once
 // because only the caller that removes the entry from conns runs it.
 //
+// Background work runs on goroutines counted in bg, which Wait drains
+// before storage closes: a closing socket's peer-state save (at most
+// peerStateWriters at once, waiting for a slot until Shutdown closes
+// stopping) and a reattach's member recheck, which ends the presence only
+// if the socket it checked still holds it, deciding that and removing it
+// in one critical section.
+//
 // Hooks (attach, detach, evict) are registered during wiring, before the
 // first socket, and are read-only afterwards.
 type PresenceService struct {
