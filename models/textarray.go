@@ -90,11 +90,3 @@ func TimestampText(t time.Time) *string {
 	s := t.UTC().Format(SQLiteTimeLayout)
 	return &s
 }
-
-// TimestampTextPtr is TimestampText that keeps nil as NULL.
-func TimestampTextPtr(t *time.Time) *string {
-	if t == nil {
-		return nil
-	}
-	return TimestampText(*t)
-}
