@@ -5,8 +5,8 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/client"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Issue 7 over the socket: audit_query pages newest first with filters,

@@ -12,9 +12,9 @@ import (
 	"strconv"
 	"time"
 
-	"meshbroker/config"
-	"meshbroker/models"
-	"meshbroker/services"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 // runCommand runs a provisioning subcommand against the configured

@@ -1,4 +1,4 @@
-module meshbroker
+module github.com/claudemesh/meshbroker
 
 go 1.26.8
 

@@ -16,9 +16,9 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"meshbroker/client"
-	"meshbroker/config"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // 01 §14 scenario 1: a fresh member hello.

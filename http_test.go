@@ -13,9 +13,9 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/client"
-	"meshbroker/config"
-	"meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/models/modelstest"
 )
 
 func httpDo(t *testing.T, method, url, body string) (int, http.Header, string) {

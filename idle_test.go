@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/client"
+	"github.com/claudemesh/meshbroker/client"
 )
 
 // brokerSocketGoroutines counts, across every goroutine, those running a
@@ -17,9 +17,9 @@ func brokerSocketGoroutines() (readers, writers, httpConns int) {
 	stacks := string(buf[:runtime.Stack(buf, true)])
 	for _, g := range strings.Split(stacks, "\n\n") {
 		switch {
-		case strings.Contains(g, "meshbroker/handlers.(*wsConn).serve("):
+		case strings.Contains(g, "github.com/claudemesh/meshbroker/handlers.(*wsConn).serve("):
 			readers++
-		case strings.Contains(g, "meshbroker/handlers.(*wsConn).writeRun("):
+		case strings.Contains(g, "github.com/claudemesh/meshbroker/handlers.(*wsConn).writeRun("):
 			writers++
 		case strings.Contains(g, "net/http.(*conn).serve("):
 			httpConns++

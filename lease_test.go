@@ -10,10 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/client"
-	"meshbroker/config"
-	"meshbroker/protocol"
-	"meshbroker/services"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 // Continuous presence (01 §6-§8, §14 scenarios 9-13, 15, 17): a transient

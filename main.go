@@ -21,11 +21,11 @@ import (
 	"syscall"
 	"time"
 
-	"meshbroker/config"
-	"meshbroker/handlers"
-	"meshbroker/models"
-	"meshbroker/protocol"
-	"meshbroker/services"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/handlers"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 func main() {

@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/client"
-	"meshbroker/protocol"
-	"meshbroker/services"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 // End-to-end benchmarks: a whole broker started through startBroker (the

@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/client"
-	"meshbroker/config"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // msgFixture is 02 §12's: a1 (A via session hello), b1 and b2 (B's

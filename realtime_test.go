@@ -18,10 +18,10 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/client"
-	"meshbroker/config"
-	"meshbroker/protocol"
-	"meshbroker/services"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 // End-to-end tests of the real-time extras (04 §2-§9 with R1-R3): URL

@@ -6,9 +6,9 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/client"
-	"meshbroker/config"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 func (b *testBroker) status(presenceID string) (status, source string) {

@@ -21,7 +21,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Identity is a member's identity in one mesh.

@@ -7,8 +7,8 @@ import (
 	"log/slog"
 	"time"
 
-	"meshbroker/protocol"
-	"meshbroker/services"
+	"github.com/claudemesh/meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 // frameHandler handles one authenticated frame. It returns the reply (nil

@@ -8,8 +8,8 @@ import (
 	"strconv"
 	"strings"
 
-	"meshbroker/protocol"
-	"meshbroker/services"
+	"github.com/claudemesh/meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 // extraHandlers are the frames of the real-time extras (04 §2-§9). Each

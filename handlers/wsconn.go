@@ -15,8 +15,8 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/labstack/echo/v4"
 
-	"meshbroker/protocol"
-	"meshbroker/services"
+	"github.com/claudemesh/meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 // wsConn is one WebSocket. gorilla allows one concurrent reader and one

@@ -3,7 +3,7 @@ package handlers
 import (
 	"testing"
 
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 func TestPushMessageID(t *testing.T) {

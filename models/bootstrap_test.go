@@ -8,8 +8,8 @@ import (
 	"sync"
 	"testing"
 
-	"meshbroker/models"
-	"meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/models/modelstest"
 )
 
 // schemaSnapshot lists every table, column (with type, nullability and

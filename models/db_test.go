@@ -10,8 +10,8 @@ import (
 
 	"gorm.io/gorm"
 
-	"meshbroker/models"
-	"meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/models/modelstest"
 )
 
 func TestOpenRejectsUnknownScheme(t *testing.T) {

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/models"
+	"github.com/claudemesh/meshbroker/models"
 )
 
 // ctxT is a test-bounded context.

@@ -4,7 +4,7 @@ import (
 	"strings"
 	"testing"
 
-	"meshbroker/models"
+	"github.com/claudemesh/meshbroker/models"
 )
 
 const alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -5,7 +5,7 @@ import (
 	"encoding/json"
 	"testing"
 
-	"meshbroker/models"
+	"github.com/claudemesh/meshbroker/models"
 )
 
 func TestJSONValue(t *testing.T) {

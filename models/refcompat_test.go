@@ -10,7 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/models/modelstest"
 )
 
 // EnvRefMigrations names a directory holding the reference's SQL migrations

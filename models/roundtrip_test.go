@@ -8,8 +8,8 @@ import (
 
 	"gorm.io/gorm/schema"
 
-	"meshbroker/models"
-	"meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/models/modelstest"
 )
 
 // Every column of every model survives a write and a read, on both dialects.

@@ -4,8 +4,8 @@ import (
 	"context"
 	"testing"
 
-	"meshbroker/models"
-	"meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/models/modelstest"
 )
 
 // Elements that need escaping come back from Postgres exactly as sent, in

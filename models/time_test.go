@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/models"
-	"meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/models/modelstest"
 )
 
 // ORDER BY and comparisons on timestamp columns are chronological, whatever

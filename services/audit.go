@@ -17,8 +17,8 @@ import (
 
 	"gorm.io/gorm"
 
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // AuditService appends metadata-only events to the per-mesh hash chain.

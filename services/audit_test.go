@@ -14,9 +14,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	"meshbroker/models"
-	"meshbroker/models/modelstest"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // ---- helpers (prefixed: other files of this package have tests too) ----

@@ -3,7 +3,7 @@ package services
 import (
 	"errors"
 
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Error is an application error with a protocol code and a message the

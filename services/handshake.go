@@ -8,8 +8,8 @@ import (
 	"math"
 	"time"
 
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // HandshakeError rejects a hello: the edge sends the error frame, then

@@ -6,7 +6,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"meshbroker/models"
+	"github.com/claudemesh/meshbroker/models"
 )
 
 // HealthService pings the database in the background and caches the

@@ -13,7 +13,7 @@ import (
 	"unicode/utf16"
 	"unicode/utf8"
 
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // CanonicalJSON renders v as RFC 8785 (JCS) canonical JSON, the text the

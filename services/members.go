@@ -11,7 +11,7 @@ import (
 
 	"gorm.io/gorm"
 
-	"meshbroker/models"
+	"github.com/claudemesh/meshbroker/models"
 )
 
 // MemberDirectory reads mesh and member rows. The web app and the

@@ -9,9 +9,9 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"meshbroker/config"
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // MessagingService accepts sends, routes them and delivers them exactly

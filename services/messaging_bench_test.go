@@ -11,11 +11,11 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/client"
-	"meshbroker/config"
-	"meshbroker/models"
-	"meshbroker/models/modelstest"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Benchmarks of the messaging hot paths against a real database: SQLite in

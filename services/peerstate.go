@@ -8,8 +8,8 @@ import (
 
 	"gorm.io/gorm"
 
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // peer_state (01 §9): what a member's presentation looked like when its

@@ -8,9 +8,9 @@ import (
 	"sync"
 	"time"
 
-	"meshbroker/config"
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // PresenceService tracks who is connected and holds each presence as an

@@ -7,8 +7,8 @@ import (
 	"strings"
 	"time"
 
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Presence messages of 03 §6 and moderation: everything a connected peer

@@ -11,8 +11,8 @@ import (
 
 	"gorm.io/gorm"
 
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // ProvisionService creates meshes and enrolls members, so a broker without

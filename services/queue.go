@@ -13,8 +13,8 @@ import (
 
 	"gorm.io/gorm"
 
-	"meshbroker/config"
-	"meshbroker/models"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/models"
 )
 
 // QueueService owns mesh.message_queue (02 §5): group-committed inserts,

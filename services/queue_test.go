@@ -10,9 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/config"
-	"meshbroker/models"
-	"meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/models/modelstest"
 )
 
 // 02 §12 scenario 6 at the database level: concurrent drains take disjoint

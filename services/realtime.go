@@ -10,9 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/config"
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Realtime owns the extras whose lifetime follows presence (04 §2-§9): URL

@@ -4,7 +4,7 @@ import (
 	"math"
 	"time"
 
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // The mesh simulation clock (04 §6). One per mesh, in memory, never

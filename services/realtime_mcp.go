@@ -10,7 +10,7 @@ import (
 	"strconv"
 	"time"
 
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // The peer-hosted MCP registry (04 §5). A presence registers an MCP server

@@ -9,8 +9,8 @@ import (
 	"fmt"
 	"time"
 
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Shared state (04 §7): one JSON value per (mesh, key) in mesh.state, that

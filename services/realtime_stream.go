@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"time"
 
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Streams (04 §4): live, history-less channels. The catalogue is

@@ -15,7 +15,7 @@ import (
 	"strings"
 	"time"
 
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // URL watches (04 §3): a presence asks the broker to poll a URL and push

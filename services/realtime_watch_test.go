@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"meshbroker/config"
+	"github.com/claudemesh/meshbroker/config"
 )
 
 // Internal tests of the watch engine: the address guard, the values a

@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"meshbroker/models"
+	"github.com/claudemesh/meshbroker/models"
 )
 
 // ResumeTokens issues and checks resume tokens (01 §11, decision H7): a

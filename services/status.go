@@ -8,8 +8,8 @@ import (
 	"sync"
 	"time"
 
-	"meshbroker/config"
-	"meshbroker/models"
+	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/models"
 )
 
 // StatusService owns presence status (idle, working, dnd), its source (hook,

@@ -10,8 +10,8 @@ import (
 
 	"gorm.io/gorm"
 
-	"meshbroker/models"
-	"meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Topics at the level of 02 §10, with live multicast for `#topic` sends

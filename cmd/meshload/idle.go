@@ -9,7 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"meshbroker/client"
+	"github.com/claudemesh/meshbroker/client"
 )
 
 // idleSummary is what --idle prints.

@@ -18,7 +18,7 @@ import (
 
 	"golang.org/x/crypto/nacl/box"
 
-	"meshbroker/client"
+	"github.com/claudemesh/meshbroker/client"
 )
 
 // The message run, in phases: seed, connect, build every send frame (so the

@@ -11,7 +11,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"meshbroker/client"
+	"github.com/claudemesh/meshbroker/client"
 )
 
 // reattachSummary is what --reattach prints.

@@ -8,10 +8,10 @@ import (
 	"sync"
 	"time"
 
-	"meshbroker/client"
-	"meshbroker/models"
-	"meshbroker/protocol"
-	"meshbroker/services"
+	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/models"
+	"github.com/claudemesh/meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 // peerIdentity is one seeded member: its identity and, with --sessions, the

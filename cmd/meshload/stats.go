@@ -11,7 +11,7 @@ import (
 	"sync"
 	"time"
 
-	"meshbroker/client"
+	"github.com/claudemesh/meshbroker/client"
 )
 
 // latency is a distribution summary in milliseconds.

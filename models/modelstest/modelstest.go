@@ -20,7 +20,7 @@ import (
 
 	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" driver for the admin connection
 
-	"meshbroker/models"
+	"github.com/claudemesh/meshbroker/models"
 )
 
 // EnvDatabaseURL names the variable that selects Postgres for tests.
