@@ -315,6 +315,9 @@ func postgresTables() []tableDDL {
 			// meshbroker's own: hook lookups by cwd, list_peers by member.
 			`CREATE INDEX IF NOT EXISTS meshbroker_presence_cwd_idx ON mesh.presence (cwd) WHERE disconnected_at IS NULL`,
 			`CREATE INDEX IF NOT EXISTS meshbroker_presence_member_idx ON mesh.presence (member_id) WHERE disconnected_at IS NULL`,
+			// Whose is a session key or label, ended presences included: a
+			// member hello may not claim another member's (H3).
+			`CREATE INDEX IF NOT EXISTS meshbroker_presence_session_pubkey_idx ON mesh.presence (session_pubkey) WHERE session_pubkey IS NOT NULL`,
 		}},
 		{"pending_status", pgPendingStatus, nil},
 		{"message_queue", pgMessageQueue, []string{
@@ -635,6 +638,7 @@ func sqliteTables() []tableDDL {
 			// meshbroker's own: hook lookups by cwd, list_peers by member.
 			`CREATE INDEX IF NOT EXISTS meshbroker_presence_cwd_idx ON presence (cwd) WHERE disconnected_at IS NULL`,
 			`CREATE INDEX IF NOT EXISTS meshbroker_presence_member_idx ON presence (member_id) WHERE disconnected_at IS NULL`,
+			`CREATE INDEX IF NOT EXISTS meshbroker_presence_session_pubkey_idx ON presence (session_pubkey) WHERE session_pubkey IS NOT NULL`,
 		}},
 		{"pending_status", sqlitePendingStatus, nil},
 		{"message_queue", sqliteMessageQueue, []string{

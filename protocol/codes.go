@@ -31,6 +31,8 @@ const (
 	CodeInternal             Code = "internal"
 	CodeAuditQueryError      Code = "audit_query_error"
 	CodeAuditVerifyError     Code = "audit_verify_error"
+	CodeHelloReplayed        Code = "hello_replayed"       // a signed hello already used inside the skew window (H10)
+	CodeSessionPubkeyTaken   Code = "session_pubkey_taken" // a member hello's label is another member's key (H3)
 )
 
 // Close is a WebSocket close: a code and a reason of at most 123 bytes.

@@ -45,7 +45,8 @@ type helloInput struct {
 	channel       string
 	model         string
 	role          PeerRole
-	resumed       bool // authenticated by a resume token: reattach only
+	resumed       bool  // authenticated by a resume token: reattach only
+	lease         *Conn // resumed: the one presence the token is bound to
 	// The member row came from the lease this hello reattaches to, not from
 	// the database: the reattach is checked against the database after its
 	// hello_ack (recheckMember), and a hello that ends up not reattaching
@@ -97,7 +98,7 @@ func (p *PresenceService) rejected(e *HandshakeError) *HandshakeError {
 // the joins have been broadcast; the returned Conn is the socket's presence.
 func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hello) (*Conn, error) {
 	started := p.now()
-	if c, err := p.tryResume(ctx, out, h.MeshID, h.ResumeToken, h.DisplayName, h.Cwd, started); c != nil || err != nil {
+	if c, err := p.tryResume(ctx, out, h.MeshID, h.Pubkey, RoleControlPlane, h.ResumeToken, h.DisplayName, h.Cwd, started); c != nil || err != nil {
 		return c, err
 	}
 	sp, spPresent := h.SessionPubkey, len(h.SessionPubkey) > 0 && string(h.SessionPubkey) != "null"
@@ -136,6 +137,12 @@ func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hel
 		return nil, err
 	}
 	in.member = member
+	if !p.replays.firstUse(h.Pubkey, ts, h.Signature, now) {
+		return nil, p.rejected(reject(protocol.CodeHelloReplayed, "hello rejected: hello_replayed"))
+	}
+	if err := p.checkLabel(ctx, &in); err != nil {
+		return nil, err
+	}
 	return p.admit(ctx, out, &in, started)
 }
 
@@ -143,7 +150,7 @@ func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hel
 // for by its parent member's attestation.
 func (p *PresenceService) SessionHello(ctx context.Context, out Outbox, h *protocol.SessionHello) (*Conn, error) {
 	started := p.now()
-	if c, err := p.tryResume(ctx, out, h.MeshID, h.ResumeToken, h.DisplayName, h.Cwd, started); c != nil || err != nil {
+	if c, err := p.tryResume(ctx, out, h.MeshID, rawStr(h.SessionPubkey), RoleSession, h.ResumeToken, h.DisplayName, h.Cwd, started); c != nil || err != nil {
 		return c, err
 	}
 	sessionPubkey, _ := protocol.RawString(h.SessionPubkey)
@@ -212,31 +219,23 @@ func (p *PresenceService) SessionHello(ctx context.Context, out Outbox, h *proto
 	if err := p.checkParentID(&in, member); err != nil {
 		return nil, err
 	}
+	if !p.replays.firstUse(sessionPubkey, ts, sig, now) {
+		return nil, sesReject(protocol.CodeHelloReplayed)
+	}
 	in.member = member
 	return p.admit(ctx, out, &in, started)
 }
 
 // tryResume reattaches with a resume token (H7) when it is genuine, names
-// this mesh, and a lease of that session key exists whose member is still
-// active. Otherwise it returns nil, nil and the hello goes the normal way.
-func (p *PresenceService) tryResume(ctx context.Context, out Outbox, meshID string, token, displayName, cwd json.RawMessage, started time.Time) (*Conn, error) {
+// this mesh, and is bound to the key this hello claims and to a presence of
+// that key and kind whose member is still active. Otherwise it returns
+// nil, nil and the hello goes the normal way.
+func (p *PresenceService) tryResume(ctx context.Context, out Outbox, meshID, claimedKey string, role PeerRole, token, displayName, cwd json.RawMessage, started time.Time) (*Conn, error) {
 	tok, ok := protocol.RawString(token)
 	if !ok || tok == "" || p.resume == nil {
 		return nil, nil
 	}
-	sub, mid, ok := p.resume.Verify(tok)
-	if !ok || mid != meshID {
-		p.log.Info("resume token refused", "mesh", meshID)
-		return nil, nil
-	}
-	p.mu.RLock()
-	var lease *Conn
-	for _, c := range p.byKey[keyOf(meshID, sub)] {
-		if c.SessionPubkey == sub && (lease == nil || c.seq < lease.seq) {
-			lease = c
-		}
-	}
-	p.mu.RUnlock()
+	lease := p.resumeLease(tok, meshID, claimedKey, role)
 	if lease == nil {
 		return nil, nil
 	}
@@ -245,11 +244,8 @@ func (p *PresenceService) tryResume(ctx context.Context, out Outbox, meshID stri
 		return nil, err
 	}
 	in := helloInput{
-		meshID: meshID, member: member, memberPubkey: lease.MemberPubkey, sessionPubkey: sub, hasSession: true,
-		displayName: rawStr(displayName), cwd: rawStr(cwd), role: RoleSession, resumed: true,
-	}
-	if lease.Role == RoleControlPlane {
-		in.role = RoleControlPlane
+		meshID: meshID, member: member, memberPubkey: lease.MemberPubkey, sessionPubkey: lease.SessionPubkey, hasSession: lease.HasSession,
+		displayName: rawStr(displayName), cwd: rawStr(cwd), role: lease.Role, resumed: true, lease: lease,
 	}
 	return p.admit(ctx, out, &in, started)
 }
@@ -360,7 +356,8 @@ func (p *PresenceService) authorize(ctx context.Context, meshID, pubkey, notFoun
 // member hellos by session key and member key, or, without a session key,
 // by session id and member key. mu must be held.
 func matchesReattachLocked(c *Conn, in *helloInput) bool {
-	if c.MeshID != in.meshID || c.MemberPubkey != in.memberPubkey {
+	// Only a hello of the same kind proved the same key (handshake_proof.go).
+	if c.MeshID != in.meshID || c.Role != in.role || c.MemberPubkey != in.memberPubkey {
 		return false
 	}
 	if in.role == RoleSession {
@@ -374,8 +371,15 @@ func matchesReattachLocked(c *Conn, in *helloInput) bool {
 
 // findReattachLocked returns the first entry (insertion order) the hello
 // may take over: an offline lease, or for a session hello also an online
-// entry (H6). mu must be held.
+// entry (H6); for a resume token, the presence it is bound to if it is
+// still there. mu must be held.
 func (p *PresenceService) findReattachLocked(in *helloInput) *Conn {
+	if in.lease != nil {
+		if p.conns[in.lease.PresenceID] == in.lease {
+			return in.lease
+		}
+		return nil
+	}
 	var best *Conn
 	for _, c := range p.byMesh[in.meshID] {
 		if (!c.online || in.role == RoleSession || in.resumed) && matchesReattachLocked(c, in) && (best == nil || c.seq < best.seq) {
@@ -440,6 +444,9 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 			return nil, err
 		}
 		in.leaseMember = false
+		if err := p.checkLabel(ctx, in); err != nil {
+			return nil, err
+		}
 		return p.admit(ctx, out, in, started)
 	}
 	if in.resumed {
@@ -539,20 +546,32 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 	ackFrame := protocol.MustEncode(ack)
 
 	p.mu.Lock()
-	if p.shutdown || (len(p.byMesh[in.meshID]) >= p.cfg.MaxConnectionsPerMesh) || !out.Offer(ackFrame) {
-		full := !p.shutdown && len(p.byMesh[in.meshID]) >= p.cfg.MaxConnectionsPerMesh
+	var refuse *HandshakeError
+	switch {
+	case p.shutdown:
+	case len(p.byMesh[in.meshID]) >= p.cfg.MaxConnectionsPerMesh:
+		refuse = reject(protocol.CodeCapacity, "mesh at connection capacity")
+	case in.label() != "" && p.labelHeldLocked(in.meshID, in.label(), member.ID):
+		refuse = labelTaken() // another member registered it since checkLabel
+	}
+	if p.shutdown || refuse != nil || !out.Offer(ackFrame) {
 		p.mu.Unlock()
 		// The socket died during the hello, the mesh filled up meanwhile, or
 		// the broker is stopping: leave nothing behind (H4).
 		p.status.Forget(c.PresenceID)
 		_ = p.markDisconnected(context.WithoutCancel(ctx), []string{c.PresenceID})
-		if full {
-			return nil, p.rejected(reject(protocol.CodeCapacity, "mesh at connection capacity"))
+		if refuse != nil {
+			return nil, p.rejected(refuse)
 		}
 		return nil, fmt.Errorf("socket closed during hello")
 	}
 	p.addLocked(c)
+	var taken []takenLabel
+	if in.role == RoleSession {
+		taken = p.takeLabelsLocked(in.meshID, in.sessionPubkey, member.ID)
+	}
 	p.mu.Unlock()
+	p.evictLabelHolders(taken)
 
 	if in.role == RoleSession {
 		p.audit.Record(in.meshID, "peer_joined", member.ID, effectiveName, map[string]any{
@@ -571,13 +590,13 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 	return c, nil
 }
 
-// resumeToken is the token hello_ack carries for a presence with a session
-// key (H7); member sockets without one have no session to resume.
+// resumeToken is the token hello_ack carries (H7), bound to the presence
+// and the key its hello proved, never to a member hello's label.
 func (p *PresenceService) resumeToken(c *Conn) string {
-	if p.resume == nil || c.SessionPubkey == "" {
+	if p.resume == nil {
 		return ""
 	}
-	return p.resume.Issue(c.SessionPubkey, c.MeshID)
+	return p.resume.Issue(c.ProvenKey(), c.MeshID, c.PresenceID)
 }
 
 func groupsPayload(groups []protocol.Group) []any {

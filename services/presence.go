@@ -45,6 +45,7 @@ type PresenceService struct {
 	status  *StatusService
 	audit   Auditor
 	resume  *ResumeTokens
+	replays *helloReplays // signed hellos seen inside the skew window (H10); guards itself
 	now     func() time.Time
 
 	onAttach []func(c *Conn, fresh bool)
@@ -179,7 +180,7 @@ type PeerView struct {
 func NewPresenceService(cfg config.Config, db *models.DB, log *slog.Logger, metrics *Metrics, members *MemberDirectory, status *StatusService, audit Auditor, resume *ResumeTokens, now func() time.Time) *PresenceService {
 	return &PresenceService{
 		cfg: cfg, db: db, log: log.With("svc", "presence"), metrics: metrics, members: members,
-		status: status, audit: audit, resume: resume, now: now,
+		status: status, audit: audit, resume: resume, replays: newHelloReplays(cfg.HelloSkew, defaultReplayEntries), now: now,
 		conns: map[string]*Conn{}, byMesh: map[string]map[string]*Conn{}, byKey: map[string][]*Conn{},
 		pongs: map[string]struct{}{}, bgSlots: make(chan struct{}, peerStateWriters), stopping: make(chan struct{}),
 	}

@@ -14,16 +14,21 @@ import (
 )
 
 // ResumeTokens issues and checks resume tokens (01 §11, decision H7): a
-// broker-signed, short bearer credential that lets a session reattach its
-// own lease without re-signing an attestation. Form:
+// broker-signed, short bearer credential that lets a client reattach its
+// own lease without re-signing its hello. Form:
 //
-//	mesh-resume.v1.<b64url(JSON{sub,mid,exp,iat})>.<b64url(ed25519 sig)>
+//	mesh-resume.v1.<b64url(JSON{sub,mid,prs,exp,iat})>.<b64url(ed25519 sig)>
 //
-// sub is the session pubkey, mid the mesh id; the signature covers
-// everything before the last dot. A token only ever reattaches an existing
-// lease of that session key in that mesh whose member is still active; a
-// forged, expired or unmatched token is ignored and the hello is processed
-// as if it had none. Old clients never send one.
+// sub is the key the hello that got the token proved (the member key for a
+// member hello, the attested session key for a session hello; never the
+// unsigned sessionPubkey label of a member hello), mid the mesh id, prs the
+// presence the token resumes; the signature covers everything before the
+// last dot. A token resumes only that presence, only while it is a lease of
+// that proven key in that mesh, and only for a hello claiming that key
+// (handshake_proof.go); a forged, expired, unbound or foreign token is
+// ignored and the hello is processed as if it had none. Tokens issued
+// before prs existed carry none and are ignored the same way. Old clients
+// never send one.
 //
 // Concurrency: immutable after construction.
 type ResumeTokens struct {
@@ -34,9 +39,11 @@ type ResumeTokens struct {
 
 const resumePrefix = "mesh-resume.v1."
 
+// resumeClaims is a token's payload.
 type resumeClaims struct {
-	Sub string `json:"sub"`
-	Mid string `json:"mid"`
+	Sub string `json:"sub"` // the key the hello proved
+	Mid string `json:"mid"` // mesh id
+	Prs string `json:"prs"` // presence id
 	Exp int64  `json:"exp"`
 	Iat int64  `json:"iat"`
 }
@@ -73,34 +80,36 @@ func LoadResumeKey(ctx context.Context, db *models.DB, seedHex string) (ed25519.
 	return LoadResumeKey(ctx, db, stored[0])
 }
 
-// Issue makes a token for a session key in a mesh.
-func (r *ResumeTokens) Issue(sessionPubkey, meshID string) string {
+// Issue makes a token for the presence presenceID of mesh meshID, bound to
+// provenKey, the key its hello proved.
+func (r *ResumeTokens) Issue(provenKey, meshID, presenceID string) string {
 	now := r.now()
-	claims, _ := json.Marshal(resumeClaims{Sub: sessionPubkey, Mid: meshID, Iat: now.UnixMilli(), Exp: now.Add(r.ttl).UnixMilli()})
+	claims, _ := json.Marshal(resumeClaims{Sub: provenKey, Mid: meshID, Prs: presenceID, Iat: now.UnixMilli(), Exp: now.Add(r.ttl).UnixMilli()})
 	signed := resumePrefix + base64.RawURLEncoding.EncodeToString(claims)
 	return signed + "." + base64.RawURLEncoding.EncodeToString(ed25519.Sign(r.key, []byte(signed)))
 }
 
-// Verify returns the session key and mesh a genuine, unexpired token names.
-func (r *ResumeTokens) Verify(token string) (sessionPubkey, meshID string, ok bool) {
+// Verify returns the claims of a genuine, unexpired token that names a
+// proven key, a mesh and a presence.
+func (r *ResumeTokens) Verify(token string) (resumeClaims, bool) {
 	if !strings.HasPrefix(token, resumePrefix) || len(token) > 1024 {
-		return "", "", false
+		return resumeClaims{}, false
 	}
 	dot := strings.LastIndexByte(token, '.')
 	if dot <= len(resumePrefix) {
-		return "", "", false
+		return resumeClaims{}, false
 	}
 	sig, err := base64.RawURLEncoding.DecodeString(token[dot+1:])
 	if err != nil || len(sig) != ed25519.SignatureSize || !ed25519.Verify(r.key.Public().(ed25519.PublicKey), []byte(token[:dot]), sig) {
-		return "", "", false
+		return resumeClaims{}, false
 	}
 	raw, err := base64.RawURLEncoding.DecodeString(token[len(resumePrefix):dot])
 	if err != nil {
-		return "", "", false
+		return resumeClaims{}, false
 	}
 	var c resumeClaims
-	if json.Unmarshal(raw, &c) != nil || c.Sub == "" || c.Mid == "" || r.now().UnixMilli() > c.Exp {
-		return "", "", false
+	if json.Unmarshal(raw, &c) != nil || c.Sub == "" || c.Mid == "" || c.Prs == "" || r.now().UnixMilli() > c.Exp {
+		return resumeClaims{}, false
 	}
-	return c.Sub, c.Mid, true
+	return c, true
 }
