@@ -18,6 +18,10 @@ type InvitePayload struct {
 	Role        string  `json:"role"`
 	OwnerPubkey string  `json:"owner_pubkey"`
 	Signature   string  `json:"signature"`
+	// InviteID is meshbroker's own, unsigned: it makes every link's token
+	// (the stored lookup key) unique, also for two invites of one mesh with
+	// the same role and expiry second. The CLI sends it back unchanged.
+	InviteID string `json:"invite_id,omitempty"`
 }
 
 // InviteV1SigningString is what the mesh owner key signs for a v1 link:

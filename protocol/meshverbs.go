@@ -1,6 +1,11 @@
 package protocol
 
-import "encoding/json"
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"strconv"
+)
 
 // Frames of the mesh verbs the CLI's `info`, `peer bans` and `topic
 // members|history|read` send, in the reference's shapes.
@@ -88,4 +93,13 @@ type TopicHistory struct {
 	Topic    json.RawMessage `json:"topic"`
 	Limit    json.RawMessage `json:"limit"`
 	BeforeID json.RawMessage `json:"beforeId"`
+}
+
+// MemberRequestSigningString is what a member signs to call a member HTTP
+// route (meshbroker's own proof; headers X-Member-Id,
+// X-Claudemesh-Timestamp, X-Claudemesh-Signature). The body enters as the
+// hex SHA-256 of its bytes; path is the escaped URL path.
+func MemberRequestSigningString(meshID, memberID, method, path string, timestampMs int64, body []byte) string {
+	sum := sha256.Sum256(body)
+	return "claudemesh-member-api|" + meshID + "|" + memberID + "|" + method + "|" + path + "|" + strconv.FormatInt(timestampMs, 10) + "|" + hex.EncodeToString(sum[:])
 }

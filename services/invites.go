@@ -98,7 +98,7 @@ var (
 // InviteOptions are what `meshbroker invite create` accepts.
 type InviteOptions struct {
 	Role      string        // admin or member; "" is member
-	MaxUses   int           // 0 is 1
+	MaxUses   int           // at least 1
 	TTL       time.Duration // 0 is 7 days
 	BrokerURL string        // ws:// or wss:// URL written into the v1 link
 }
@@ -175,9 +175,6 @@ func (s *InviteService) Create(ctx context.Context, meshID string, o InviteOptio
 	if o.Role == "" {
 		o.Role = "member"
 	}
-	if o.MaxUses == 0 {
-		o.MaxUses = 1
-	}
 	if o.TTL == 0 {
 		o.TTL = defaultInviteTTL
 	}
@@ -227,14 +224,14 @@ func (s *InviteService) Create(ctx context.Context, meshID string, o InviteOptio
 			V: 1, MeshID: m.ID, MeshSlug: m.Slug, BrokerURL: o.BrokerURL, ExpiresAt: float64(expires.Unix()),
 			MeshRootKey: *m.RootKey, Role: o.Role, OwnerPubkey: *m.OwnerPubkey,
 		}
+		id, code := models.NewID(), randomBase62(inviteCodeLength)
 		canonical := protocol.InviteV1SigningString(payload)
-		payload.Signature = protocol.Sign(ownerKey, canonical)
+		payload.Signature, payload.InviteID = protocol.Sign(ownerKey, canonical), id
 		raw, err := json.Marshal(payload)
 		if err != nil {
 			return err
 		}
 		token := base64.RawURLEncoding.EncodeToString(raw)
-		id, code := models.NewID(), randomBase62(inviteCodeLength)
 		capRaw, err := json.Marshal(protocol.InviteCapabilityV2{
 			Canonical: protocol.InviteV2SigningString(m.ID, id, expires.Unix(), o.Role, *m.OwnerPubkey),
 		})

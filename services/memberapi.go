@@ -3,8 +3,6 @@ package services
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"math"
@@ -27,7 +25,7 @@ import (
 //
 //   - a signed request: X-Member-Id, X-Claudemesh-Timestamp (ms) and
 //     X-Claudemesh-Signature, an ed25519 signature by the member's key over
-//     MemberRequestSigningString (method, path, timestamp, body hash),
+//     protocol.MemberRequestSigningString (method, path, timestamp, body hash),
 //     within the hello skew. This is the strong proof; package client
 //     sends it.
 //   - a live session (MEMBER_API_SESSION_AUTH, on by default): the
@@ -62,13 +60,6 @@ type MemberAPI struct {
 // sessionAuth enables the live-session fallback.
 func NewMemberAPI(db *models.DB, presence *PresenceService, members *MemberDirectory, now func() time.Time, skew time.Duration, sessionAuth bool) *MemberAPI {
 	return &MemberAPI{db: db, presence: presence, members: members, now: now, skew: skew, sessionAuth: sessionAuth}
-}
-
-// MemberRequestSigningString is what a member signs to call a member
-// route: the body enters as the hex SHA-256 of its bytes.
-func MemberRequestSigningString(meshID, memberID, method, path string, timestampMs int64, body []byte) string {
-	sum := sha256.Sum256(body)
-	return "claudemesh-member-api|" + meshID + "|" + memberID + "|" + method + "|" + path + "|" + strconv.FormatInt(timestampMs, 10) + "|" + hex.EncodeToString(sum[:])
 }
 
 // MemberRequest is an HTTP call to a member route, as the edge read it.
@@ -133,7 +124,7 @@ func (a *MemberAPI) authenticateSigned(ctx context.Context, r MemberRequest) (*M
 	if m == nil {
 		return nil, refuse(http.StatusForbidden, "not a member of this mesh")
 	}
-	ok, err := protocol.Verify(m.PeerPubkey, MemberRequestSigningString(r.MeshID, r.MemberID, r.Method, r.Path, ts, r.Body), r.Signature)
+	ok, err := protocol.Verify(m.PeerPubkey, protocol.MemberRequestSigningString(r.MeshID, r.MemberID, r.Method, r.Path, ts, r.Body), r.Signature)
 	if err != nil || !ok {
 		return nil, refuse(http.StatusForbidden, "bad signature")
 	}
@@ -177,6 +168,7 @@ type memberProfileRow struct {
 	DashboardUserID *string
 	JoinedAt        time.Time
 	LastSeenAt      *time.Time
+	Sessions        int // active presence rows; only ListMembers selects it
 }
 
 func (r memberProfileRow) entry() MemberEntry {
@@ -198,10 +190,7 @@ const memberProfileColumns = "m.id, m.display_name, m.role_tag, m.default_groups
 // ListMembers lists the mesh's active members with their online state
 // (active presence rows, any broker process's).
 func (a *MemberAPI) ListMembers(ctx context.Context, meshID string) ([]MemberEntry, error) {
-	var rows []struct {
-		memberProfileRow `gorm:"embedded"`
-		Sessions         int
-	}
+	var rows []memberProfileRow
 	err := a.db.WithContext(ctx).Raw("SELECT "+memberProfileColumns+", (SELECT count(*) FROM "+a.db.Table("presence")+" p WHERE p.member_id = m.id AND p.disconnected_at IS NULL) AS sessions FROM "+
 		a.db.Table("member")+" m WHERE m.mesh_id = ? AND m.revoked_at IS NULL AND "+boundMemberSQL+" ORDER BY m.joined_at, m.id", meshID).Scan(&rows).Error
 	if err != nil {
