@@ -429,9 +429,9 @@ func TestInviteV2ClaimBindsOnFirstHello(t *testing.T) {
 	key := base64.RawURLEncoding.EncodeToString(p3[:])
 	for _, c := range []struct {
 		name, code string
-		body   any
-		status int
-		err    string
+		body       any
+		status     int
+		err        string
 	}{
 		{"unknown code", "Zz9Zz9Zz9Zz9", map[string]any{"recipient_x25519_pubkey": key}, 404, "not_found"},
 		{"revoked", revoked.Code, map[string]any{"recipient_x25519_pubkey": key}, 410, "revoked"},
