@@ -313,15 +313,15 @@ func (a *MemberAPI) UpdateMember(ctx context.Context, caller *MemberRow, targetI
 	if err != nil {
 		return MemberUpdated{}, err
 	}
+	if !admin && targetID != caller.ID {
+		return MemberUpdated{}, refuse(http.StatusForbidden, "not authorized — only admins or self can edit")
+	}
 	target, err := a.activeMember(ctx, caller.MeshID, targetID)
 	if err != nil {
 		return MemberUpdated{}, err
 	}
 	if target == nil {
 		return MemberUpdated{}, refuse(http.StatusNotFound, "member not found")
-	}
-	if !admin && target.ID != caller.ID {
-		return MemberUpdated{}, refuse(http.StatusForbidden, "not authorized — only admins or self can edit")
 	}
 	if !admin {
 		pol, err := a.policy(ctx, caller.MeshID)
