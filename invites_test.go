@@ -337,6 +337,10 @@ func TestInviteV1Refusals(t *testing.T) {
 	if status, reply := b.joinV1(one.Link, key, "eve"); status != 410 || reply["error"] != "invite_exhausted" {
 		t.Errorf("exhausted: %d %v", status, reply)
 	}
+	// The one who spent the last use can still repeat its join.
+	if status, reply := b.joinV1(one.Link, first, "first-again"); status != 200 || reply["alreadyMember"] != true {
+		t.Errorf("repeat on a used-up invite: %d %v", status, reply)
+	}
 	if after := b.counts(owner.MeshID); after.members != before.members+1 || after.used != before.used+1 {
 		t.Fatalf("only the first use may create: %+v -> %+v", before, after)
 	}

@@ -530,16 +530,16 @@ func (s *InviteService) ClaimV2(ctx context.Context, code, recipient, displayNam
 	return out, nil
 }
 
-// checkLive refuses a revoked, expired or used-up invite. The use count is
-// checked again, atomically, when it is spent.
+// checkLive refuses a revoked or expired invite. Both are checked again,
+// with the use count, atomically when a use is spent; a repeat by an
+// existing member is answered between the two, so it works on a used-up
+// invite too.
 func (s *InviteService) checkLive(inv *inviteRow) error {
 	switch {
 	case inv.RevokedAt != nil:
 		return refuse(http.StatusGone, "invite_revoked")
 	case !s.now().Before(inv.ExpiresAt):
 		return refuse(http.StatusGone, "invite_expired")
-	case inv.UsedCount >= inv.MaxUses:
-		return refuse(http.StatusGone, "invite_exhausted")
 	}
 	return nil
 }
