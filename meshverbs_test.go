@@ -301,3 +301,24 @@ func TestListPeersMarksGrace(t *testing.T) {
 		t.Fatalf("peers %+v", peers)
 	}
 }
+
+// Behind a proxy (CLIENT_IP_HEADER) the live-session proof compares the
+// addresses the proxy reports, not the proxy's own.
+func TestMemberRoutesClientIPHeader(t *testing.T) {
+	b := startTestBroker(t, func(c *config.Config) { c.ClientIPHeader = "X-Client-Ip" })
+	f := b.fixture()
+	b.connect(f.b, client.Options{Header: http.Header{"X-Client-Ip": {"203.0.113.7"}}})
+	list := "/mesh/" + f.meshID + "/members"
+	for _, c := range []struct {
+		ip     string
+		status int
+	}{{"203.0.113.7", 200}, {"198.51.100.1", 401}, {"", 401}} {
+		h := http.Header{"X-Member-Id": {f.b.MemberID}}
+		if c.ip != "" {
+			h.Set("X-Client-Ip", c.ip)
+		}
+		if status, reply := memberRequest(t, b, nil, "GET", list, nil, h); status != c.status {
+			t.Errorf("from %q: %d %v, want %d", c.ip, status, reply, c.status)
+		}
+	}
+}

@@ -79,7 +79,8 @@ type Config struct {
 	ResumeTokenKey    string // RESUME_TOKEN_KEY: 64 hex (ed25519 seed); empty means generated and persisted
 
 	// Member HTTP routes.
-	MemberAPISessionAuth bool // MEMBER_API_SESSION_AUTH, default true: unsigned member-route calls count if a live session of the member comes from the caller's address
+	MemberAPISessionAuth bool   // MEMBER_API_SESSION_AUTH, default true: unsigned member-route calls count if a live session of the member comes from the caller's address
+	ClientIPHeader       string // CLIENT_IP_HEADER: header a trusted proxy sets to the client address (Fly-Client-IP); empty: the TCP peer
 }
 
 // Default returns the reference defaults.
@@ -265,6 +266,17 @@ var vars = []envVar{
 				return errBad
 			}
 			c.MemberAPISessionAuth = b
+			return nil
+		}},
+	{name: "CLIENT_IP_HEADER", accepts: "an HTTP header name", help: "header a trusted proxy sets to the client's address (Fly.io: Fly-Client-IP), for the member routes' live-session proof; unset: the TCP peer address",
+		def: func(Config) string { return "" },
+		set: func(c *Config, v string) error {
+			if strings.TrimFunc(v, func(r rune) bool {
+				return r == '-' || r >= '0' && r <= '9' || r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z'
+			}) != "" {
+				return errBad
+			}
+			c.ClientIPHeader = v
 			return nil
 		}},
 	{name: "RESUME_TOKEN_KEY", accepts: "64 hex characters (an ed25519 seed)", help: "signs resume tokens; unset: generated once and kept in the database",

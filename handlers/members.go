@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strings"
 
 	"github.com/labstack/echo/v4"
 
@@ -25,9 +26,19 @@ func (s *Server) routeMeshAPI(e *echo.Echo) {
 	e.PATCH("/mesh/:meshId/settings", s.handleMeshSettings)
 }
 
-// RemoteIP is the socket's peer address without the port, for the member
-// routes' live-session proof.
-func (w *wsConn) RemoteIP() string { return hostOnly(w.ws.RemoteAddr().String()) }
+// RemoteIP is the socket's client address, for the member routes'
+// live-session proof.
+func (w *wsConn) RemoteIP() string { return w.clientIP }
+
+// clientIP is the request's client address: the TCP peer, or with
+// CLIENT_IP_HEADER the value a trusted proxy put in that header (a proxy
+// hides every client behind its own few addresses). No address, no proof.
+func (s *Server) clientIP(r *http.Request) string {
+	if s.cfg.ClientIPHeader != "" {
+		return strings.TrimSpace(r.Header.Get(s.cfg.ClientIPHeader))
+	}
+	return hostOnly(r.RemoteAddr)
+}
 
 func hostOnly(addr string) string {
 	if host, _, err := net.SplitHostPort(addr); err == nil {
@@ -55,7 +66,7 @@ func (s *Server) memberCaller(c echo.Context) (*services.MemberRow, []byte, erro
 	caller, err := s.svc.MemberAPI.Authenticate(r.Context(), services.MemberRequest{
 		MeshID: c.Param("meshId"), MemberID: r.Header.Get("X-Member-Id"),
 		Timestamp: r.Header.Get("X-Claudemesh-Timestamp"), Signature: r.Header.Get("X-Claudemesh-Signature"),
-		Method: r.Method, Path: r.URL.EscapedPath(), Body: body, RemoteIP: hostOnly(r.RemoteAddr),
+		Method: r.Method, Path: r.URL.EscapedPath(), Body: body, RemoteIP: s.clientIP(r),
 	})
 	if err != nil {
 		return nil, nil, s.memberError(c, err)
