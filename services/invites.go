@@ -656,6 +656,9 @@ func (d *MemberDirectory) BindClaimedMember(ctx context.Context, meshID, memberI
 		return false, nil
 	}
 	d.Invalidate(meshID)
+	d.mu.Lock()
+	delete(d.keys, memberID) // the one key change there is: drop a cached claim key
+	d.mu.Unlock()
 	return true, nil
 }
 
