@@ -458,6 +458,46 @@ func TestInviteV2ClaimBindsOnFirstHello(t *testing.T) {
 	}
 }
 
+// Two first hellos racing for one claimed member: one key binds, the
+// other hello is refused, and the member keeps the winner's key.
+func TestInviteV2BindRace(t *testing.T) {
+	b := startTestBroker(t)
+	owner := newMeshFromCLI(t, b)
+	for round := 0; round < 3; round++ {
+		inv := b.invite(owner.MeshID, "--broker-url", b.url())
+		pub, _ := x25519Key(t)
+		status, reply := b.claimV2(inv.Code, pub)
+		if status != 200 {
+			t.Fatalf("claim: %d %v", status, reply)
+		}
+		memberID := reply["member_id"].(string)
+		var keys [2]ed25519.PrivateKey
+		var errs [2]error
+		var wg sync.WaitGroup
+		for i := range keys {
+			_, keys[i], _ = ed25519.GenerateKey(nil)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_, errs[i] = b.tryConnect(client.Identity{MeshID: owner.MeshID, MemberID: memberID, DisplayName: "racer", Key: keys[i]}, client.Options{})
+			}()
+		}
+		wg.Wait()
+		if (errs[0] == nil) == (errs[1] == nil) {
+			t.Fatalf("round %d: both or neither hello admitted: %v / %v", round, errs[0], errs[1])
+		}
+		winner := keys[0]
+		if errs[0] != nil {
+			winner = keys[1]
+		}
+		var bound string
+		b.query(&bound, "SELECT peer_pubkey FROM {member} WHERE id = ?", memberID)
+		if bound != protocol.PubkeyHex(winner) {
+			t.Fatalf("round %d: member bound to %q, not the admitted key", round, bound)
+		}
+	}
+}
+
 // Claims racing for an invite's last use, through both protocols at once:
 // exactly one wins, the others get invite_exhausted / exhausted, and one
 // member is created.
