@@ -396,11 +396,16 @@ func TestInviteV2ClaimBindsOnFirstHello(t *testing.T) {
 	}
 	// The claimant's first hello binds its fresh ed25519 key.
 	_, edKey, _ := ed25519.GenerateKey(nil)
-	c := b.connect(client.Identity{MeshID: owner.MeshID, MemberID: memberID, DisplayName: "claimant", Key: edKey}, client.Options{})
-	var bound string
-	b.query(&bound, "SELECT peer_pubkey FROM {member} WHERE id = ?", memberID)
-	if bound != protocol.PubkeyHex(edKey) {
-		t.Fatalf("member key after hello: %q", bound)
+	var claimName string
+	b.query(&claimName, "SELECT display_name FROM {member} WHERE id = ?", memberID)
+	if claimName != "member-"+base64.RawURLEncoding.EncodeToString(pub[:])[:8] {
+		t.Fatalf("claimed member named %q", claimName)
+	}
+	c := b.connect(client.Identity{MeshID: owner.MeshID, MemberID: memberID, DisplayName: "claimant", Key: edKey}, client.Options{DisplayName: "claimant-laptop"})
+	var bound struct{ PeerPubkey, DisplayName string }
+	b.query(&bound, "SELECT peer_pubkey, display_name FROM {member} WHERE id = ?", memberID)
+	if bound.PeerPubkey != protocol.PubkeyHex(edKey) || bound.DisplayName != "claimant-laptop" {
+		t.Fatalf("member after hello: %+v", bound)
 	}
 	if peers, err := c.ListPeers(ctxT(t)); err != nil || len(peers) == 0 {
 		t.Fatalf("bound member cannot list peers: %v", err)

@@ -155,7 +155,11 @@ func (p *PresenceService) bindClaimed(ctx context.Context, in *helloInput, membe
 	if err != nil || active != nil || revoked != nil {
 		return err
 	}
-	if _, err := p.members.BindClaimedMember(ctx, in.meshID, memberID, in.memberPubkey); err != nil {
+	name := in.displayName
+	if name == "" {
+		name = in.hostname
+	}
+	if _, err := p.members.BindClaimedMember(ctx, in.meshID, memberID, in.memberPubkey, name); err != nil {
 		return err
 	}
 	return nil

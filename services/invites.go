@@ -642,13 +642,21 @@ func (s *InviteService) joined(meshID string) {
 // returned only to the claimant, and unbound members are left out of every
 // listing (members, topic members). A key that is already a member of the
 // mesh is never bound a second time. It reports whether it bound.
-func (d *MemberDirectory) BindClaimedMember(ctx context.Context, meshID, memberID, pubkey string) (bool, error) {
+//
+// The CLI's claim sends no name, so the claim names the member
+// "member-<key prefix>"; a member still so named takes name (the hello's
+// display name or hostname) when it binds.
+func (d *MemberDirectory) BindClaimedMember(ctx context.Context, meshID, memberID, pubkey, name string) (bool, error) {
 	if memberID == "" || !protocol.IsLowerHex(pubkey, 64) {
 		return false, nil
 	}
+	if len(name) > maxDisplayName || !validText(name) {
+		name = ""
+	}
 	mem := d.db.Table("member")
-	res := d.db.WithContext(ctx).Exec("UPDATE "+mem+" SET peer_pubkey = ? WHERE id = ? AND mesh_id = ? AND revoked_at IS NULL AND length(peer_pubkey) <> 64"+
-		" AND NOT EXISTS (SELECT 1 FROM "+mem+" other WHERE other.mesh_id = ? AND other.peer_pubkey = ?)", pubkey, memberID, meshID, meshID, pubkey)
+	res := d.db.WithContext(ctx).Exec("UPDATE "+mem+" SET peer_pubkey = ?, display_name = CASE WHEN ? <> '' AND display_name = 'member-' || substr(peer_pubkey, 1, 8) THEN ? ELSE display_name END"+
+		" WHERE id = ? AND mesh_id = ? AND revoked_at IS NULL AND length(peer_pubkey) <> 64"+
+		" AND NOT EXISTS (SELECT 1 FROM "+mem+" other WHERE other.mesh_id = ? AND other.peer_pubkey = ?)", pubkey, name, name, memberID, meshID, meshID, pubkey)
 	if res.Error != nil {
 		return false, fmt.Errorf("bind claimed member %s: %w", memberID, res.Error)
 	}
