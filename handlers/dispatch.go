@@ -22,34 +22,36 @@ const frameTimeout = 30 * time.Second
 // handlers maps frame types to their handler. Out-of-scope types of the
 // reference answer `unsupported` (H8), like unknown ones.
 var handlers = map[string]frameHandler{
-	"send":            nil, // pipelined: see dispatchSend
-	"client_ack":      handleClientAck,
-	"message_status":  handleMessageStatus,
-	"list_peers":      handleListPeers,
-	"set_status":      handleSetStatus,
-	"set_summary":     handleSetSummary,
-	"set_visible":     handleSetVisible,
-	"set_profile":     handleSetProfile,
-	"set_stats":       handleSetStats,
-	"join_group":      handleJoinGroup,
-	"leave_group":     handleLeaveGroup,
-	"topic_create":    handleTopicCreate,
-	"topic_list":      handleTopicList,
-	"topic_join":      handleTopicJoin,
-	"topic_leave":     handleTopicLeave,
+	"send":           nil, // pipelined: see dispatchSend
+	"client_ack":     handleClientAck,
+	"message_status": handleMessageStatus,
+	"list_peers":     handleListPeers,
+	"set_status":     handleSetStatus,
+	"set_summary":    handleSetSummary,
+	"set_visible":    handleSetVisible,
+	"set_profile":    handleSetProfile,
+	"set_stats":      handleSetStats,
+	"join_group":     handleJoinGroup,
+	"leave_group":    handleLeaveGroup,
+	"topic_create":   handleTopicCreate,
+	"topic_list":     handleTopicList,
+	"topic_join":     handleTopicJoin,
+	"topic_leave":    handleTopicLeave,
+	"disconnect":     handleModeration(false),
+	"kick":           handleModeration(true),
+	"ban":            handleBan,
+	"unban":          handleUnban,
+	"audit_query":    handleAuditQuery,
+	"audit_verify":   handleAuditVerify,
+	"hello":          nil, // handled before dispatch
+	"session_hello":  nil,
+
+	// Mesh verbs (handlers/meshverbs.go).
+	"mesh_info":       handleMeshInfo,
+	"list_bans":       handleListBans,
 	"topic_members":   handleTopicMembers,
 	"topic_history":   handleTopicHistory,
 	"topic_mark_read": handleTopicMarkRead,
-	"mesh_info":       handleMeshInfo,
-	"list_bans":       handleListBans,
-	"disconnect":      handleModeration(false),
-	"kick":            handleModeration(true),
-	"ban":             handleBan,
-	"unban":           handleUnban,
-	"audit_query":     handleAuditQuery,
-	"audit_verify":    handleAuditVerify,
-	"hello":           nil, // handled before dispatch
-	"session_hello":   nil,
 }
 
 // dispatch decodes one inbound frame and answers it. It never panics on a
