@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/claudemesh/meshbroker/config"
@@ -31,7 +32,7 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 		return healthcheck(cfg, stderr)
 	}
 	cmd := args[0]
-	if len(args) > 1 && (cmd == "mesh" || cmd == "member") {
+	if len(args) > 1 && (cmd == "mesh" || cmd == "member" || cmd == "invite") {
 		cmd += " " + args[1]
 		args = args[2:]
 	} else {
@@ -48,6 +49,10 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 		ownerUser = fs.String("owner-user", "", "mesh.owner_user_id (an existing user id on a database the web app shares)")
 		ownerName = fs.String("owner-name", "", "display name of the owner member")
 		out       = fs.String("out", "demo-identities.json", "where demo writes the identities")
+		maxUses   = fs.Int("max-uses", 1, "how many members one invite admits")
+		expires   = fs.String("expires", "7d", "invite lifetime: a Go duration (90m, 48h) or days (7d)")
+		brokerURL = fs.String("broker-url", "", "ws:// or wss:// URL of this broker, written into the v1 link (default ws://localhost:BROKER_PORT/ws)")
+		inviteRef = fs.String("invite", "", "invite id or code")
 	)
 	var positional []string
 	for len(args) > 0 {
@@ -61,7 +66,7 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 		}
 	}
 	switch cmd {
-	case "mesh create", "member add", "member revoke", "demo":
+	case "mesh create", "member add", "member revoke", "demo", "invite create", "invite list", "invite revoke":
 	default:
 		return fail(2, "unknown command %q (see meshbroker --help)", cmd)
 	}
@@ -73,6 +78,22 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 	}
 	if cmd == "member revoke" && (*meshID == "" || *member == "") {
 		return fail(2, "member revoke needs --mesh and --member")
+	}
+	if strings.HasPrefix(cmd, "invite ") && *meshID == "" {
+		return fail(2, "%s needs --mesh", cmd)
+	}
+	if cmd == "invite revoke" && *inviteRef == "" {
+		return fail(2, "invite revoke needs --invite")
+	}
+	var inviteTTL time.Duration
+	if cmd == "invite create" {
+		var err error
+		if inviteTTL, err = parseLifetime(*expires); err != nil {
+			return fail(2, "--expires: %v", err)
+		}
+		if *brokerURL == "" {
+			*brokerURL = fmt.Sprintf("ws://localhost:%d/ws", cfg.Port)
+		}
 	}
 	db, err := models.Open(ctx, cfg.DatabaseURL, cfg.DataDir, logger)
 	if err != nil {
@@ -109,6 +130,23 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 			return fail(2, "%v", err)
 		}
 		return print(map[string]string{"revoked": *member})
+	case "invite create":
+		inv, err := services.NewInviteService(db, time.Now, nil).Create(ctx, *meshID, services.InviteOptions{Role: *role, MaxUses: *maxUses, TTL: inviteTTL, BrokerURL: *brokerURL})
+		if err != nil {
+			return fail(2, "%v", err)
+		}
+		return print(inv)
+	case "invite list":
+		list, err := services.NewInviteService(db, time.Now, nil).List(ctx, *meshID)
+		if err != nil {
+			return fail(1, "%v", err)
+		}
+		return print(list)
+	case "invite revoke":
+		if err := services.NewInviteService(db, time.Now, nil).Revoke(ctx, *meshID, *inviteRef); err != nil {
+			return fail(2, "%v", err)
+		}
+		return print(map[string]string{"revoked": *inviteRef})
 	default: // demo
 		ids, err := prov.Demo(ctx, "demo")
 		if err != nil {
@@ -121,6 +159,22 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 		fmt.Fprintf(stdout, "mesh %s with members alice and bob; identities written to %s\n", ids[0].MeshID, *out)
 		return 0
 	}
+}
+
+// parseLifetime reads a Go duration or a whole number of days ("7d").
+func parseLifetime(s string) (time.Duration, error) {
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		n, err := strconv.Atoi(days)
+		if err != nil || n <= 0 {
+			return 0, fmt.Errorf("%q is not a number of days", s)
+		}
+		return time.Duration(n) * 24 * time.Hour, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("%q is not a positive duration", s)
+	}
+	return d, nil
 }
 
 // healthcheck probes this machine's broker, for container HEALTHCHECKs on

@@ -159,6 +159,9 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB, now func()
 	b.realtime = services.NewRealtime(cfg, db, logger, b.metrics, now, b.presence, b.audit)
 	b.server = handlers.New(cfg, logger, handlers.Services{
 		Presence: b.presence, Messaging: b.messaging, Status: b.status, Health: b.health, Audit: b.audit, Realtime: b.realtime, Metrics: b.metrics,
+		Invites:   services.NewInviteService(db, now, members),
+		MemberAPI: services.NewMemberAPI(db, b.presence, members, now, cfg.HelloSkew, cfg.MemberAPISessionAuth),
+		MeshVerbs: services.NewMeshVerbs(db, b.presence, now, services.MeshInfoCounters{}),
 		Ready: func(ctx context.Context) error {
 			if cfg.ExpectedSchema != "" {
 				ok, err := db.HasSchemaVersion(ctx, cfg.ExpectedSchema)
@@ -301,6 +304,10 @@ Usage:
                                      create a mesh and an admin member; prints its identity (with secret key) as JSON
   meshbroker member add --mesh ID --pubkey HEX --name NAME [--role admin|member]
   meshbroker member revoke --mesh ID --member ID|PUBKEY
+  meshbroker invite create --mesh ID [--role member|admin] [--max-uses N] [--expires 7d|DURATION] [--broker-url WS_URL]
+                                     issue an invite; prints {"link":"ic://join/...","code":"...","expiresAt":"..."}
+  meshbroker invite list --mesh ID
+  meshbroker invite revoke --mesh ID --invite ID|CODE
   meshbroker demo [--out FILE]       create a mesh with two members and write their identities to FILE (default demo-identities.json)
   meshbroker healthcheck             exit 0 if the broker on BROKER_PORT answers /health
   meshbroker --help

@@ -553,3 +553,16 @@ func (c *Client) Kill() {
 	_ = c.ws.NetConn().Close()
 	<-c.done
 }
+
+// SignMemberRequest returns the headers that prove membership to the
+// member HTTP routes (GET /mesh/:id/members, PATCH /mesh/:id/member/:id,
+// PATCH /mesh/:id/settings): the member id, the time and the member key's
+// signature over the method, path, time and body.
+func SignMemberRequest(id Identity, method, path string, body []byte, now time.Time) http.Header {
+	ts := now.UnixMilli()
+	h := http.Header{}
+	h.Set("X-Member-Id", id.MemberID)
+	h.Set("X-Claudemesh-Timestamp", strconv.FormatInt(ts, 10))
+	h.Set("X-Claudemesh-Signature", protocol.Sign(id.Key, protocol.MemberRequestSigningString(id.MeshID, id.MemberID, method, path, ts, body)))
+	return h
+}

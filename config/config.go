@@ -77,6 +77,10 @@ type Config struct {
 	// Extras (04).
 	WatchAllowPrivate bool   // WATCH_ALLOW_PRIVATE, default false: URL watches may reach private addresses
 	ResumeTokenKey    string // RESUME_TOKEN_KEY: 64 hex (ed25519 seed); empty means generated and persisted
+
+	// Member HTTP routes.
+	MemberAPISessionAuth bool   // MEMBER_API_SESSION_AUTH, default true: unsigned member-route calls count if a live session of the member comes from the caller's address
+	ClientIPHeader       string // CLIENT_IP_HEADER: header a trusted proxy sets to the client address (Fly-Client-IP); empty: the TCP peer
 }
 
 // Default returns the reference defaults.
@@ -87,6 +91,7 @@ func Default() Config {
 		DataDir:               "./data",
 		MaxConnectionsPerMesh: 100,
 		MaxMessageBytes:       65536,
+		MemberAPISessionAuth:  true,
 		HookRateLimitPerMin:   30,
 		SendRateBurst:         10,
 		SendRatePerMin:        60,
@@ -251,6 +256,27 @@ var vars = []envVar{
 				return errBad
 			}
 			c.WatchAllowPrivate = b
+			return nil
+		}},
+	{name: "MEMBER_API_SESSION_AUTH", accepts: "true or false", help: "accept an unsigned member-route call (the claudemesh CLI signs none) from the address of one of the member's live sessions",
+		def: func(c Config) string { return strconv.FormatBool(c.MemberAPISessionAuth) },
+		set: func(c *Config, v string) error {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return errBad
+			}
+			c.MemberAPISessionAuth = b
+			return nil
+		}},
+	{name: "CLIENT_IP_HEADER", accepts: "an HTTP header name", help: "header a trusted proxy sets to the client's address (Fly.io: Fly-Client-IP), for the member routes' live-session proof; unset: the TCP peer address",
+		def: func(Config) string { return "" },
+		set: func(c *Config, v string) error {
+			if strings.TrimFunc(v, func(r rune) bool {
+				return r == '-' || r >= '0' && r <= '9' || r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z'
+			}) != "" {
+				return errBad
+			}
+			c.ClientIPHeader = v
 			return nil
 		}},
 	{name: "RESUME_TOKEN_KEY", accepts: "64 hex characters (an ed25519 seed)", help: "signs resume tokens; unset: generated once and kept in the database",

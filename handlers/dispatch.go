@@ -45,6 +45,13 @@ var handlers = map[string]frameHandler{
 	"audit_verify":   handleAuditVerify,
 	"hello":          nil, // handled before dispatch
 	"session_hello":  nil,
+
+	// Mesh verbs (handlers/meshverbs.go).
+	"mesh_info":       handleMeshInfo,
+	"list_bans":       handleListBans,
+	"topic_members":   handleTopicMembers,
+	"topic_history":   handleTopicHistory,
+	"topic_mark_read": handleTopicMarkRead,
 }
 
 // dispatch decodes one inbound frame and answers it. It never panics on a

@@ -35,6 +35,9 @@ type Services struct {
 	Audit     AuditReader
 	Realtime  *services.Realtime
 	Metrics   *services.Metrics
+	Invites   *services.InviteService // POST /join, POST /invites/:code/claim
+	MemberAPI *services.MemberAPI     // the member HTTP routes
+	MeshVerbs *services.MeshVerbs     // mesh_info, list_bans, topic_members|history|mark_read
 	// Ready reports whether the schema is in place (and the expected
 	// version recorded), for /health/ready.
 	Ready func(ctx context.Context) error
@@ -92,6 +95,7 @@ func New(cfg config.Config, log *slog.Logger, svc Services, now func() time.Time
 	e.GET("/health/ready", exact(s.handleReady))
 	e.GET("/metrics", exact(echo.WrapHandler(promhttp.HandlerFor(svc.Metrics.Registry, promhttp.HandlerOpts{}))))
 	e.POST("/hook/set-status", exact(s.handleHookSetStatus))
+	s.routeMeshAPI(e)
 	e.RouteNotFound("/*", s.handleNotFound)
 	s.echo = e
 	s.http = &http.Server{Handler: e, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
@@ -221,8 +225,8 @@ func (s *Server) corsAndLog(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		h := c.Response().Header()
 		h.Set("Access-Control-Allow-Origin", "*")
-		h.Set("Access-Control-Allow-Methods", "POST, GET, OPTIONS")
-		h.Set("Access-Control-Allow-Headers", "Content-Type, X-Mesh-Id, X-Member-Id, X-File-Name, X-Tags, X-Persistent, X-Target-Spec")
+		h.Set("Access-Control-Allow-Methods", "POST, GET, PATCH, OPTIONS")
+		h.Set("Access-Control-Allow-Headers", "Content-Type, X-Mesh-Id, X-Member-Id, X-File-Name, X-Tags, X-Persistent, X-Target-Spec, X-Claudemesh-Timestamp, X-Claudemesh-Signature")
 		if c.Request().Method == http.MethodOptions {
 			return c.NoContent(http.StatusNoContent)
 		}

@@ -43,6 +43,7 @@ type wsConn struct {
 	ws         *websocket.Conn
 	closing    chan struct{} // closed once, by shutdown()
 	writerDone chan struct{} // closed when the last writer has exited for good
+	clientIP   string        // the client's address, for the member routes' live-session proof
 
 	// Written once before closing is closed, read by the writer after.
 	closeOnce  sync.Once
@@ -428,6 +429,7 @@ func (s *Server) handleWS(c echo.Context) error {
 	s.svc.Metrics.ConnectionsTotal.Inc()
 	w := &wsConn{
 		srv: s, ws: ws, closing: make(chan struct{}), writerDone: make(chan struct{}),
+		clientIP: s.clientIP(c.Request()),
 	}
 	s.mu.Lock()
 	s.socks[w] = struct{}{}

@@ -24,6 +24,7 @@ func allModels() []any {
 		&Mesh{}, &Member{}, &Presence{}, &PendingStatus{}, &MessageQueue{},
 		&AuditLog{}, &PeerState{}, &State{}, &Stream{}, &Service{},
 		&Topic{}, &TopicMember{}, &TopicMessage{}, &TopicMemberKey{}, &Notification{},
+		&Invite{},
 	}
 }
 

@@ -366,6 +366,7 @@ func postgresTables() []tableDDL {
 			`CREATE UNIQUE INDEX IF NOT EXISTS topic_member_key_unique ON mesh.topic_member_key (topic_id, member_id)`,
 			`CREATE INDEX IF NOT EXISTS topic_member_key_by_member ON mesh.topic_member_key (member_id)`,
 		}},
+		{"invite", pgInvite, pgInviteIndexes},
 		{"meshbroker_schema", pgMeshbrokerSchema, nil},
 		{"meshbroker_kv", pgMeshbrokerKV, nil},
 	}
@@ -687,6 +688,7 @@ func sqliteTables() []tableDDL {
 			`CREATE UNIQUE INDEX IF NOT EXISTS topic_member_key_unique ON topic_member_key (topic_id, member_id)`,
 			`CREATE INDEX IF NOT EXISTS topic_member_key_by_member ON topic_member_key (member_id)`,
 		}},
+		{"invite", sqliteInvite, sqliteInviteIndexes},
 		{"meshbroker_schema", sqliteMeshbrokerSchema, nil},
 		{"meshbroker_kv", sqliteMeshbrokerKV, nil},
 	}

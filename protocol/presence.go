@@ -61,6 +61,12 @@ type PeerInfo struct {
 	Stats        json.RawMessage `json:"stats,omitempty"`
 	Visible      *bool           `json:"visible,omitempty"`
 	Profile      json.RawMessage `json:"profile,omitempty"`
+	// InGrace marks a presence whose socket dropped and whose lease has
+	// not expired yet (meshbroker's own; old clients ignore it): a message
+	// to it is held until it reattaches or the lease ends. LeaseExpiresAt
+	// is when the lease ends.
+	InGrace        bool   `json:"inGrace,omitempty"`
+	LeaseExpiresAt string `json:"leaseExpiresAt,omitempty"`
 }
 
 // PeersList answers list_peers.

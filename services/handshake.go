@@ -132,6 +132,9 @@ func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hel
 	if !ok {
 		return nil, p.rejected(reject(protocol.CodeBadSignature, "hello rejected: bad_signature"))
 	}
+	if err := p.bindClaimed(ctx, &in, h.MemberID); err != nil {
+		return nil, err
+	}
 	member, err := p.authorizeHello(ctx, &in)
 	if err != nil {
 		return nil, err
@@ -144,6 +147,29 @@ func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hel
 		return nil, err
 	}
 	return p.admit(ctx, out, &in, started)
+}
+
+// bindClaimed gives a member created by a v2 invite claim the key of its
+// first signed hello (MemberDirectory.BindClaimedMember). Only a hello
+// whose key is no member of the mesh tries, and never a reattach, so
+// ordinary hellos cost nothing more than the (cached) lookup authorize
+// makes anyway.
+func (p *PresenceService) bindClaimed(ctx context.Context, in *helloInput, memberID string) error {
+	if memberID == "" || p.hasReattachCandidate(in) {
+		return nil
+	}
+	active, revoked, err := p.members.ByPubkey(ctx, in.meshID, in.memberPubkey)
+	if err != nil || active != nil || revoked != nil {
+		return err
+	}
+	name := in.displayName
+	if name == "" {
+		name = in.hostname
+	}
+	if _, err := p.members.BindClaimedMember(ctx, in.meshID, memberID, in.memberPubkey, name); err != nil {
+		return err
+	}
+	return nil
 }
 
 // SessionHello authenticates a session hello (01 §3): a session key vouched

@@ -32,7 +32,7 @@ type MemberDirectory struct {
 	svcs   *ttlCache[[]ServiceRow]                   // mesh id -> running services, for hellos
 
 	mu   sync.Mutex
-	keys map[string]string // member id -> peer_pubkey; a member's key never changes
+	keys map[string]string // member id -> peer_pubkey; a member's key never changes once bound (BindClaimedMember drops its entry)
 }
 
 type memberEntry struct {

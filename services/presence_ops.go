@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 
@@ -184,9 +185,16 @@ func (p *PresenceService) ListPeers(ctx context.Context, caller *Conn) ([]protoc
 			if len(c.profile) > 0 {
 				e.Profile, _ = json.Marshal(c.profile)
 			}
+			if !c.online {
+				e.InGrace, e.LeaseExpiresAt = true, protocol.ISO(c.leaseUntil)
+			}
 		}
 		peers = append(peers, e)
 	}
+	// Peers in grace go last (otherwise in connection order): a client that
+	// resolves a name to the first match then picks a live socket over one
+	// that closed seconds ago, where a message would only be held.
+	sort.SliceStable(peers, func(i, j int) bool { return !peers[i].InGrace && peers[j].InGrace })
 	return peers, nil
 }
 

@@ -38,6 +38,10 @@ type Identity struct {
 	Pubkey      string `json:"pubkey"`
 	SecretKey   string `json:"secretKey,omitempty"`
 	Role        string `json:"role"`
+	// Slug and RootKey are set by mesh create: what a claudemesh CLI config
+	// entry for the mesh holds besides the member's identity.
+	Slug    string `json:"slug,omitempty"`
+	RootKey string `json:"rootKey,omitempty"`
 }
 
 // PrivateKey decodes SecretKey.
@@ -78,18 +82,30 @@ func (p *ProvisionService) CreateMesh(ctx context.Context, name, ownerUserID, ow
 		return Identity{}, err
 	}
 	id := Identity{MeshID: models.NewID(), MemberID: models.NewID(), DisplayName: ownerName, Pubkey: protocol.PubkeyHex(key), SecretKey: hex.EncodeToString(key), Role: "admin"}
+	// The invite signing key is its own key pair, as in the reference, so
+	// the secret the mesh row must hold to sign invites is not the owner
+	// member's identity.
+	signPub, signSecret, rootKey, err := NewMeshKeys()
+	if err != nil {
+		return Identity{}, err
+	}
+	id.Slug, id.RootKey = slugify(name), rootKey
 	now := p.now().UTC()
 	err = p.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
-		if err := tx.Exec("INSERT INTO "+p.db.Table("mesh")+" (id, name, slug, owner_user_id, owner_pubkey, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-			id.MeshID, name, slugify(name), ownerUserID, id.Pubkey, now).Error; err != nil {
+		if err := tx.Exec("INSERT INTO "+p.db.Table("mesh")+" (id, name, slug, owner_user_id, owner_pubkey, owner_secret_key, root_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+			id.MeshID, name, id.Slug, ownerUserID, signPub, signSecret, rootKey, now).Error; err != nil {
 			return fmt.Errorf("insert mesh: %w", err)
 		}
 		if err := p.insertMember(tx, id.MeshID, id.MemberID, id.Pubkey, ownerName, "admin", &ownerUserID, now); err != nil {
 			return err
 		}
-		if err := tx.Exec("INSERT INTO "+p.db.Table("topic")+" (id, mesh_id, name, visibility, created_by_member_id, created_at) VALUES (?, ?, 'general', 'public', ?, ?)",
-			models.NewID(), id.MeshID, id.MemberID, now).Error; err != nil {
+		topicID := models.NewID()
+		if err := tx.Exec("INSERT INTO "+p.db.Table("topic")+" (id, mesh_id, name, description, visibility, created_by_member_id, created_at) VALUES (?, ?, 'general', ?, 'public', ?, ?)",
+			topicID, id.MeshID, generalTopicDescription, id.MemberID, now).Error; err != nil {
 			return fmt.Errorf("insert general topic: %w", err)
+		}
+		if err := tx.Exec("INSERT INTO "+p.db.Table("topic_member")+" (topic_id, member_id, role, joined_at) VALUES (?, ?, 'lead', ?)", topicID, id.MemberID, now).Error; err != nil {
+			return fmt.Errorf("subscribe owner to general: %w", err)
 		}
 		return nil
 	})
