@@ -18,6 +18,7 @@ import (
 
 	"github.com/claudemesh/meshbroker/client"
 	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/internal/clienttest"
 	"github.com/claudemesh/meshbroker/protocol"
 )
 
@@ -148,24 +149,24 @@ func TestMemberHelloRejections(t *testing.T) {
 		{name: "skew -59s accepted", id: f.a, opts: helloAt(-59 * time.Second), accepted: true},
 		{name: "skew -61s", id: f.a, opts: helloAt(-61 * time.Second), code: "timestamp_skew", close: 1008, msg: "hello rejected: timestamp_skew"},
 		{name: "skew +61s", id: f.a, opts: helloAt(61 * time.Second), code: "timestamp_skew", close: 1008, msg: "hello rejected: timestamp_skew"},
-		{name: "string timestamp", id: f.a, opts: client.Options{Mutate: func(m map[string]any) { m["timestamp"] = fmt.Sprint(m["timestamp"]) }}, code: "timestamp_skew", close: 1008},
-		{name: "signed by another key", id: f.a, opts: client.Options{Mutate: func(m map[string]any) {
+		{name: "string timestamp", id: f.a, opts: clienttest.Mutate(client.Options{}, func(m map[string]any) { m["timestamp"] = fmt.Sprint(m["timestamp"]) }), code: "timestamp_skew", close: 1008},
+		{name: "signed by another key", id: f.a, opts: clienttest.Mutate(client.Options{}, func(m map[string]any) {
 			m["signature"] = protocol.Sign(other, protocol.HelloSigningString(f.meshID, f.a.MemberID, f.a.Pubkey(), m["timestamp"].(float64)))
-		}}, code: "bad_signature", close: 1008, msg: "hello rejected: bad_signature"},
-		{name: "63-hex pubkey", id: f.a, opts: client.Options{Mutate: func(m map[string]any) { m["pubkey"] = f.a.Pubkey()[:63] }}, code: "malformed", close: 1008, msg: "hello rejected: malformed"},
-		{name: "short signature", id: f.a, opts: client.Options{Mutate: func(m map[string]any) { m["signature"] = "abcd" }}, code: "malformed", close: 1008},
-		{name: "memberId altered after signing", id: f.a, opts: client.Options{Mutate: func(m map[string]any) { m["memberId"] = "other" }}, code: "bad_signature", close: 1008},
+		}), code: "bad_signature", close: 1008, msg: "hello rejected: bad_signature"},
+		{name: "63-hex pubkey", id: f.a, opts: clienttest.Mutate(client.Options{}, func(m map[string]any) { m["pubkey"] = f.a.Pubkey()[:63] }), code: "malformed", close: 1008, msg: "hello rejected: malformed"},
+		{name: "short signature", id: f.a, opts: clienttest.Mutate(client.Options{}, func(m map[string]any) { m["signature"] = "abcd" }), code: "malformed", close: 1008},
+		{name: "memberId altered after signing", id: f.a, opts: clienttest.Mutate(client.Options{}, func(m map[string]any) { m["memberId"] = "other" }), code: "bad_signature", close: 1008},
 		{name: "arbitrary memberId correctly signed", id: client.Identity{MeshID: f.meshID, MemberID: "anything", DisplayName: "alice", Key: f.a.Key}, accepted: true},
-		{name: "uppercase sessionPubkey checked first", id: f.a, opts: client.Options{SessionPubkey: strings.Repeat("A", 64), Mutate: func(m map[string]any) { m["signature"] = strings.Repeat("0", 128) }},
+		{name: "uppercase sessionPubkey checked first", id: f.a, opts: clienttest.Mutate(client.Options{SessionPubkey: strings.Repeat("A", 64)}, func(m map[string]any) { m["signature"] = strings.Repeat("0", 128) }),
 			code: "bad_session_pubkey", close: 1008, msg: "sessionPubkey must be 64 lowercase hex chars"},
-		{name: "non-string sessionPubkey", id: f.a, opts: client.Options{Extra: map[string]any{"sessionPubkey": 5}}, code: "bad_session_pubkey", close: 1008},
+		{name: "non-string sessionPubkey", id: f.a, opts: clienttest.Extra(client.Options{}, map[string]any{"sessionPubkey": 5}), code: "bad_session_pubkey", close: 1008},
 		{name: "unknown pubkey", id: stranger, code: "unauthorized", close: 1008, msg: "pubkey not found in mesh"},
 		{name: "revoked", id: f.r, code: "revoked", close: 4002, msg: fmt.Sprintf("You've been removed from %q. Contact the mesh owner to rejoin.", f.name)},
-		{name: "uppercase pubkey passes signature, fails lookup", id: f.a, opts: client.Options{Mutate: func(m map[string]any) {
+		{name: "uppercase pubkey passes signature, fails lookup", id: f.a, opts: clienttest.Mutate(client.Options{}, func(m map[string]any) {
 			up := strings.ToUpper(f.a.Pubkey())
 			m["pubkey"] = up
 			m["signature"] = protocol.Sign(f.a.Key, protocol.HelloSigningString(f.meshID, f.a.MemberID, up, m["timestamp"].(float64)))
-		}}, code: "unauthorized", close: 1008},
+		}), code: "unauthorized", close: 1008},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			if tt.accepted {
@@ -250,7 +251,7 @@ func TestSessionHelloRejections(t *testing.T) {
 		{"wrong parentMemberId", "parent_member_id_mismatch", "parentMemberId does not match parentMemberPubkey", 1008, func(m map[string]any) { m["parentMemberId"] = f.b.MemberID }},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			rejected(t, b, f.a, client.Options{Session: &sess, Mutate: tt.mutate}, tt.code, tt.close, tt.msg)
+			rejected(t, b, f.a, clienttest.Mutate(client.Options{Session: &sess}, tt.mutate), tt.code, tt.close, tt.msg)
 		})
 	}
 	t.Run("revoked parent", func(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/internal/clienttest"
 )
 
 // Issue 13 item 1, H3 and H7: a member hello's sessionPubkey is an unsigned
@@ -24,7 +25,7 @@ func TestMemberHelloCannotResumeAnotherMembersSession(t *testing.T) {
 	attacker, err := b.tryConnect(f.b, client.Options{SessionPubkey: sess.Pubkey()})
 	if err == nil {
 		tok := attacker.HelloAck.ResumeToken
-		again, err := b.tryConnect(f.b, client.Options{SessionPubkey: sess.Pubkey(), Extra: map[string]any{"resumeToken": tok}})
+		again, err := b.tryConnect(f.b, client.Options{SessionPubkey: sess.Pubkey(), ResumeToken: tok})
 		if err == nil && again.HelloAck.PresenceID == victim.HelloAck.PresenceID {
 			t.Fatalf("bob resumed alice's session %s with the token of his labelled hello", victim.HelloAck.PresenceID)
 		}
@@ -65,18 +66,18 @@ func TestResumeTokenBoundToProvenKey(t *testing.T) {
 	sessTok := s.HelloAck.ResumeToken
 
 	// Bob, with his own valid hello, presents alice's session token.
-	bob := b.connect(f.b, client.Options{Extra: map[string]any{"resumeToken": sessTok}})
+	bob := b.connect(f.b, client.Options{ResumeToken: sessTok})
 	if bob.HelloAck.PresenceID == s.HelloAck.PresenceID {
 		t.Fatal("bob's hello with alice's session token took her session over")
 	}
 	// Alice's member key did not prove the session's lease either.
-	am := b.connect(f.a, client.Options{Extra: map[string]any{"resumeToken": sessTok}})
+	am := b.connect(f.a, client.Options{ResumeToken: sessTok})
 	if am.HelloAck.PresenceID == s.HelloAck.PresenceID {
 		t.Fatal("alice's member hello resumed her session's lease")
 	}
 	// Nor did another session key of alice.
 	sess2 := client.NewSession()
-	s2 := b.connect(f.a, client.Options{Session: &sess2, Extra: map[string]any{"resumeToken": sessTok}})
+	s2 := b.connect(f.a, client.Options{Session: &sess2, ResumeToken: sessTok})
 	if s2.HelloAck.PresenceID == s.HelloAck.PresenceID {
 		t.Fatal("another session key resumed the session")
 	}
@@ -92,7 +93,7 @@ func TestResumeTokenBoundToProvenKey(t *testing.T) {
 	if !strings.HasPrefix(memberTok, "mesh-resume.v1.") {
 		t.Fatalf("member hello got no token: %s", am.AckRaw)
 	}
-	if x := b.connect(f.b, client.Options{Extra: map[string]any{"resumeToken": memberTok}}); x.HelloAck.PresenceID == am.HelloAck.PresenceID {
+	if x := b.connect(f.b, client.Options{ResumeToken: memberTok}); x.HelloAck.PresenceID == am.HelloAck.PresenceID {
 		t.Fatal("bob resumed alice's member socket with her token")
 	}
 	unsigned := func(tok string) func(map[string]any) {
@@ -105,16 +106,16 @@ func TestResumeTokenBoundToProvenKey(t *testing.T) {
 	}
 	// Without a signature a token is all a hello has, and alice's token on
 	// bob's key is none: his unsigned hello is judged on its own and refused.
-	rejected(t, b, f.b, client.Options{Mutate: unsigned(memberTok)}, "timestamp_skew", 1008, "hello rejected")
+	rejected(t, b, f.b, clienttest.Mutate(client.Options{}, unsigned(memberTok)), "timestamp_skew", 1008, "hello rejected")
 
 	// The keys that proved the leases resume them.
 	am.Kill()
 	b.waitOffline(am.HelloAck.PresenceID)
-	back := b.connect(f.a, client.Options{Mutate: unsigned(memberTok)})
+	back := b.connect(f.a, clienttest.Mutate(client.Options{}, unsigned(memberTok)))
 	if back.HelloAck.PresenceID != am.HelloAck.PresenceID {
 		t.Fatalf("member resume: %s, want %s", back.AckRaw, am.HelloAck.PresenceID)
 	}
-	again := b.connect(f.a, client.Options{Session: &sess, Mutate: unsigned(sessTok)})
+	again := b.connect(f.a, clienttest.Mutate(client.Options{Session: &sess}, unsigned(sessTok)))
 	if again.HelloAck.PresenceID != s.HelloAck.PresenceID {
 		t.Fatalf("session resume: %s, want %s", again.AckRaw, s.HelloAck.PresenceID)
 	}
@@ -193,11 +194,9 @@ func TestReplayedHelloRefused(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var captured map[string]any
-			opts := tc.opts
-			opts.Mutate = func(m map[string]any) { captured = maps.Clone(m) }
+			opts := clienttest.Mutate(tc.opts, func(m map[string]any) { captured = maps.Clone(m) })
 			orig := b.connect(f.a, opts)
-			replay := tc.opts
-			replay.Mutate = func(m map[string]any) { clear(m); maps.Copy(m, captured) }
+			replay := clienttest.Mutate(tc.opts, func(m map[string]any) { clear(m); maps.Copy(m, captured) })
 			rejected(t, b, f.a, replay, "hello_replayed", 1008, tc.prefix)
 			if ce := orig.CloseError(); ce != nil {
 				t.Fatalf("the original socket was closed: %v", ce)

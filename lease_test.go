@@ -12,6 +12,7 @@ import (
 
 	"github.com/claudemesh/meshbroker/client"
 	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/internal/clienttest"
 	"github.com/claudemesh/meshbroker/protocol"
 	"github.com/claudemesh/meshbroker/services"
 )
@@ -206,7 +207,7 @@ func TestStalledClientWatchdog(t *testing.T) {
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	sess := client.NewSession()
-	stalled := b.connect(f.a, client.Options{Session: &sess, NoPong: true})
+	stalled := b.connect(f.a, clienttest.NoPong(client.Options{Session: &sess}))
 	healthy := b.connect(f.c, client.Options{})
 	select {
 	case <-stalled.Done():
@@ -241,7 +242,7 @@ func TestEveryPriorityDuringGrace(t *testing.T) {
 	var ids []string
 	for _, prio := range []string{"low", "now", "next", "now", "low"} {
 		n, c := sealTo(t, f.b.Key, pub(sess.Key), prio)
-		ack, err := bob.Send(ctxT(t), client.SendRequest{TargetSpec: sess.Pubkey(), Priority: prio, Nonce: n, Ciphertext: c})
+		ack, err := bob.Send(ctxT(t), client.SendRequest{TargetSpec: sess.Pubkey(), Priority: client.Priority(prio), Nonce: n, Ciphertext: c})
 		if err != nil || !ack.Queued {
 			t.Fatal(ack, err)
 		}
@@ -399,12 +400,12 @@ func TestResumeToken(t *testing.T) {
 	}
 	s.Kill()
 	bare := func(tok string) client.Options {
-		return client.Options{Session: &sess, Mutate: func(m map[string]any) {
+		return clienttest.Mutate(client.Options{Session: &sess}, func(m map[string]any) {
 			for _, k := range []string{"signature", "parentAttestation", "timestamp"} {
 				delete(m, k)
 			}
 			m["resumeToken"] = tok
-		}}
+		})
 	}
 	// Forged: the token's signature is not the broker's. Without the usual
 	// proofs the hello is rejected, and the lease is untouched.
@@ -412,11 +413,11 @@ func TestResumeToken(t *testing.T) {
 	rejected(t, b, f.a, bare(forged), "attestation_mismatch", 1008, "parentAttestation")
 	// Another mesh's token does not resume here either.
 	other := b.fixture()
-	rejected(t, b, f.a, client.Options{Session: &sess, Mutate: func(m map[string]any) {
+	rejected(t, b, f.a, clienttest.Mutate(client.Options{Session: &sess}, func(m map[string]any) {
 		m["meshId"] = other.meshID
 		delete(m, "signature")
 		m["resumeToken"] = token
-	}}, "malformed", 1008, "session_hello rejected")
+	}), "malformed", 1008, "session_hello rejected")
 	// A genuine token resumes with no signature at all.
 	again := b.connect(f.a, bare(token))
 	if again.HelloAck.PresenceID != s.HelloAck.PresenceID || again.HelloAck.ResumeToken == "" {
@@ -429,7 +430,7 @@ func TestResumeToken(t *testing.T) {
 	}
 	// A forged token on an otherwise valid hello is just a fresh hello.
 	again.Kill()
-	normal := b.connect(f.a, client.Options{Session: &sess, Extra: map[string]any{"resumeToken": forged}})
+	normal := b.connect(f.a, client.Options{Session: &sess, ResumeToken: forged})
 	if normal.HelloAck.PresenceID != s.HelloAck.PresenceID {
 		t.Fatal("identity reattach failed with a forged token attached")
 	}

@@ -1,14 +1,7 @@
-// Package client is a Go client for the claudemesh broker protocol: member
-// and session hellos, typed events, request/response by _reqId, sends
-// correlated by id, and real crypto_box envelopes. The end-to-end tests, the
-// load tool and Go users share it.
 package client
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,51 +17,6 @@ import (
 	"github.com/claudemesh/meshbroker/protocol"
 )
 
-// Identity is a member's identity in one mesh.
-type Identity struct {
-	MeshID      string
-	MemberID    string
-	DisplayName string
-	Key         ed25519.PrivateKey
-}
-
-// Pubkey is the member's public key in lowercase hex.
-func (i Identity) Pubkey() string { return protocol.PubkeyHex(i.Key) }
-
-// Session is an ephemeral session key vouched for by the member.
-type Session struct {
-	Key       ed25519.PrivateKey
-	ExpiresAt time.Time // attestation expiry; zero means 12 h from now
-}
-
-// Pubkey is the session public key in lowercase hex.
-func (s Session) Pubkey() string { return protocol.PubkeyHex(s.Key) }
-
-// NewSession makes a fresh session key.
-func NewSession() Session {
-	_, k, _ := ed25519.GenerateKey(nil)
-	return Session{Key: k}
-}
-
-// Options tune a connection. Zero values are sensible.
-type Options struct {
-	Session       *Session             // connect with session_hello instead of hello
-	SessionID     string               // hello.sessionId; empty: "go-<random>"
-	SessionPubkey string               // member hello's routing label (not signed)
-	DisplayName   string               // hello.displayName
-	Pid           int                  // hello.pid
-	Cwd           string               // hello.cwd
-	Groups        []protocol.Group     // hello.groups
-	Extra         map[string]any       // extra hello fields (tests: resumeToken, overrides)
-	Omit          []string             // hello fields to leave out (tests: the SDK sends no cwd)
-	HelloTimeout  time.Duration        // default 10 s
-	NoPong        bool                 // do not answer pings (tests: a stalled client)
-	Header        http.Header          // extra upgrade headers
-	EventBuffer   int                  // inbound events buffered before the reader blocks; default 4096
-	Now           func() time.Time     // clock for signatures; default time.Now
-	Mutate        func(map[string]any) // last-minute edit of the hello frame (tests)
-}
-
 // Frame is one inbound frame: its type and raw JSON.
 type Frame struct {
 	Type string
@@ -78,206 +26,162 @@ type Frame struct {
 // Decode unmarshals the frame into v.
 func (f Frame) Decode(v any) error { return json.Unmarshal(f.Raw, v) }
 
-// Client is one WebSocket connection to a broker.
+// Client is one logical connection to a broker: one socket at a time, and
+// with Options.Reconnect a new one after each loss, resuming the same
+// lease. Frames keep arriving on the same Events channel across sockets.
 //
-// Concurrency: the reader goroutine owns ws reads and delivers frames to
-// Events or to pending request waiters (guarded by mu); writes are
-// serialized by writeMu. All methods are safe for concurrent use.
+// Concurrency: one goroutine per Client (run) owns the reading side of the
+// current socket, delivers frames to request waiters or to events, and, on
+// a loss, redials; so a Client never has two readers. Writers share the
+// current socket under that socket's writeMu. pending, lastAck and termErr
+// are guarded by mu. All methods are safe for concurrent use; Receive and
+// Next consume the same stream, so one consumer should use one of them.
 type Client struct {
+	// Set by Connect, never changed afterwards.
 	ID       Identity
-	Opts     Options
-	HelloAck protocol.HelloAck
-	AckRaw   json.RawMessage
+	Opts     Options           // as given, with SessionID filled in
+	HelloAck protocol.HelloAck // the first hello's ack; LastHelloAck has the latest
+	AckRaw   json.RawMessage   // the first hello_ack as received
+	url      string
+	events   chan Frame      // never closed
+	done     chan struct{}   // closed when the Client has ended for good
+	ctx      context.Context // cancelled by Close and Kill: stops redials
+	cancel   context.CancelFunc
 
-	ws      *websocket.Conn
-	writeMu sync.Mutex
-	events  chan Frame
-	done    chan struct{}
-	err     atomic.Value // error that ended the reader
-	closeCE atomic.Pointer[websocket.CloseError]
-
-	mu      sync.Mutex
-	pending map[string]chan Frame // _reqId or send id -> waiter
+	cur     atomic.Pointer[conn]                 // the live socket; nil while reconnecting and at the end
+	closeCE atomic.Pointer[websocket.CloseError] // the close frame that ended the latest socket
 	nextID  atomic.Uint64
+
+	mu         sync.Mutex
+	pending    map[string]*waiter // "req:"+_reqId or "id:"+send id -> its waiter
+	lastAck    protocol.HelloAck
+	lastAckRaw json.RawMessage
+	termErr    error // why the Client ended; set just before done closes
+
+	recv recvState // Receive's duplicate filter, guarded by itself
 }
 
-// HandshakeError is the broker's rejection of a hello.
-type HandshakeError struct {
-	Code, Message string
-	Close         *websocket.CloseError
+// conn is one socket of a Client.
+type conn struct {
+	ws      *websocket.Conn
+	writeMu sync.Mutex // serializes writes to ws
 }
 
-func (e *HandshakeError) Error() string { return "hello rejected: " + e.Code + ": " + e.Message }
+// waiter is a request waiting for its reply. err is set (under Client.mu)
+// before ch is closed without a reply.
+type waiter struct {
+	ch  chan Frame
+	err error
+}
 
-// Connect dials url (ws://host:port/ws), sends the hello and waits for
-// hello_ack.
+// Connect dials url (ws://host:port/ws), sends the hello (a session_hello
+// with opts.Session) and waits for hello_ack. A hello refused by the broker
+// is a *HandshakeError.
 //
-// Hellos are signed over a millisecond timestamp and the broker accepts a
-// signed hello once (H10), so two connections of one key that sign in the
-// same millisecond collide: the later gets hello_replayed. Connect then
-// signs again a millisecond later, a few times, unless opts.Mutate edits
-// the hello (tests that replay on purpose).
+// Hellos are signed over a millisecond timestamp and the broker may accept
+// a signed hello only once, so a hello refused as hello_replayed (two
+// connections of one key signing in the same millisecond) is signed again
+// and resent, up to three times.
 func Connect(ctx context.Context, url string, id Identity, opts Options) (*Client, error) {
+	if opts.SessionID == "" {
+		opts.SessionID = "go-" + randomHex(6)
+	}
+	buf := opts.EventBuffer
+	if buf <= 0 {
+		buf = 4096
+	}
+	c := &Client{ID: id, Opts: opts, url: url, events: make(chan Frame, buf), done: make(chan struct{}), pending: map[string]*waiter{}}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	cn, res, err := c.dialHello(ctx, opts.ResumeToken)
+	if err != nil {
+		c.cancel()
+		return nil, err
+	}
+	c.HelloAck, c.AckRaw = res.ack, res.raw
+	c.lastAck, c.lastAckRaw = res.ack, res.raw
+	c.cur.Store(cn)
+	go c.run(cn, res.early)
+	return c, nil
+}
+
+// dialHello opens a socket and completes one hello on it.
+func (c *Client) dialHello(ctx context.Context, resumeToken string) (*conn, handshakeResult, error) {
+	timeout := c.Opts.HelloTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	hooks := c.Opts.hooks
 	for attempt := 1; ; attempt++ {
-		c, err := connectOnce(ctx, url, id, opts)
-		var he *HandshakeError
-		if err == nil || opts.Mutate != nil || attempt == 3 || !errors.As(err, &he) || he.Code != string(protocol.CodeHelloReplayed) {
-			return c, err
+		ws, err := Dial(ctx, c.url, c.Opts.Header)
+		if err != nil {
+			return nil, handshakeResult{}, err
 		}
-		select {
+		if hooks != nil && hooks.NoPong {
+			ws.SetPingHandler(func(string) error { return nil })
+		}
+		res, err := handshake(ctx, ws, helloFrame(c.ID, c.Opts, resumeToken), timeout)
+		if err == nil {
+			return &conn{ws: ws}, res, nil
+		}
+		_ = ws.Close()
+		var he *HandshakeError
+		if !errors.As(err, &he) || he.Code != string(protocol.CodeHelloReplayed) || attempt == 3 || (hooks != nil && hooks.Mutate != nil) {
+			return nil, res, err
+		}
+		select { // the next millisecond gives a new timestamp, so a new signature
 		case <-ctx.Done():
-			return nil, err
+			return nil, res, err
 		case <-time.After(time.Millisecond):
 		}
 	}
 }
 
-func connectOnce(ctx context.Context, url string, id Identity, opts Options) (*Client, error) {
-	ws, err := Dial(ctx, url, opts.Header)
-	if err != nil {
-		return nil, err
-	}
-	c := newClient(ws, id, opts)
-	hello := c.helloFrame()
-	if err := c.WriteJSON(hello); err != nil {
-		ws.Close()
-		return nil, fmt.Errorf("send hello: %w", err)
-	}
-	timeout := opts.HelloTimeout
-	if timeout == 0 {
-		timeout = 10 * time.Second
-	}
-	tctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+// run reads the current socket until it ends, then either ends the Client
+// or, with Options.Reconnect, redials and carries on with the new socket.
+func (c *Client) run(cn *conn, early []Frame) {
+	defer close(c.done)
 	for {
-		f, err := c.Next(tctx)
+		for _, f := range early {
+			if !c.deliver(f) {
+				break
+			}
+		}
+		err := c.read(cn)
+		c.dropped(cn, err)
+		if c.ctx.Err() != nil {
+			c.finish(err)
+			return
+		}
+		ce := c.closeCE.Load()
+		if c.Opts.Reconnect == nil || (ce != nil && terminalClose(ce)) {
+			c.finish(err)
+			return
+		}
+		if cb := c.Opts.Reconnect.OnDisconnect; cb != nil {
+			cb(err)
+		}
+		var res handshakeResult
+		cn, res, err = c.redial()
 		if err != nil {
-			c.Kill()
-			if ce := c.CloseError(); ce != nil {
-				return nil, &HandshakeError{Code: ce.Text, Message: "closed before hello_ack", Close: ce}
-			}
-			return nil, fmt.Errorf("wait for hello_ack: %w", err)
+			c.finish(err)
+			return
 		}
-		switch f.Type {
-		case "hello_ack":
-			c.AckRaw = f.Raw
-			_ = f.Decode(&c.HelloAck)
-			return c, nil
-		case "error":
-			var e protocol.ErrorFrame
-			_ = f.Decode(&e)
-			he := &HandshakeError{Code: string(e.Code), Message: e.Message}
-			select {
-			case <-c.done:
-			case <-time.After(2 * time.Second):
-			}
-			he.Close = c.CloseError()
-			c.Kill()
-			return nil, he
-		}
-		// Anything before the ack would violate H5; hand it back to the caller.
-		c.requeue(f)
+		early = res.early
 	}
 }
 
-// Dial opens a raw WebSocket (tests use it to speak bad protocol).
-func Dial(ctx context.Context, url string, header http.Header) (*websocket.Conn, error) {
-	d := websocket.Dialer{HandshakeTimeout: 10 * time.Second}
-	ws, resp, err := d.DialContext(ctx, url, header)
-	if err != nil {
-		if resp != nil {
-			resp.Body.Close()
-		}
-		return nil, fmt.Errorf("dial %s: %w", url, err)
+// terminalClose reports whether a close frame means "do not come back":
+// kicked (4001), revoked (4002), a policy rejection (1008), or our lease
+// taken over by another socket of the same session (1000
+// session_replaced), which a reconnect would only take back.
+func terminalClose(ce *websocket.CloseError) bool {
+	switch ce.Code {
+	case protocol.CloseKicked.Code, protocol.CloseBanned.Code, protocol.CloseHelloRejectedTag:
+		return true
+	case websocket.CloseNormalClosure:
+		return ce.Text == protocol.CloseSessionReplaced.Reason
 	}
-	return ws, nil
-}
-
-func newClient(ws *websocket.Conn, id Identity, opts Options) *Client {
-	buf := opts.EventBuffer
-	if buf == 0 {
-		buf = 4096
-	}
-	c := &Client{ID: id, Opts: opts, ws: ws, events: make(chan Frame, buf), done: make(chan struct{}), pending: map[string]chan Frame{}}
-	if opts.NoPong {
-		ws.SetPingHandler(func(string) error { return nil })
-	}
-	go c.readLoop()
-	return c
-}
-
-func (c *Client) now() time.Time {
-	if c.Opts.Now != nil {
-		return c.Opts.Now()
-	}
-	return time.Now()
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
-// BuildHello returns the signed hello frame Connect would send, for callers
-// that speak the protocol over a raw socket.
-func BuildHello(id Identity, opts Options) map[string]any {
-	c := &Client{ID: id, Opts: opts}
-	return c.helloFrame()
-}
-
-func (c *Client) helloFrame() map[string]any {
-	o := c.Opts
-	ts := float64(c.now().UnixMilli())
-	sid := o.SessionID
-	if sid == "" {
-		sid = "go-" + randomHex(6)
-		c.Opts.SessionID = sid
-	}
-	var f map[string]any
-	if o.Session != nil {
-		exp := o.Session.ExpiresAt
-		if exp.IsZero() {
-			exp = c.now().Add(12 * time.Hour)
-		}
-		expMs := float64(exp.UnixMilli())
-		parent := c.ID.Pubkey()
-		sp := o.Session.Pubkey()
-		f = map[string]any{
-			"type": "session_hello", "meshId": c.ID.MeshID, "parentMemberId": c.ID.MemberID, "parentMemberPubkey": parent,
-			"sessionPubkey": sp, "sessionId": sid, "pid": o.Pid, "cwd": o.Cwd, "timestamp": ts,
-			"parentAttestation": map[string]any{
-				"sessionPubkey": sp, "parentMemberPubkey": parent, "expiresAt": expMs,
-				"signature": protocol.Sign(c.ID.Key, protocol.SessionAttestString(parent, sp, expMs)),
-			},
-			"signature": protocol.Sign(o.Session.Key, protocol.SessionHelloString(c.ID.MeshID, parent, sp, ts)),
-		}
-	} else {
-		f = map[string]any{
-			"type": "hello", "meshId": c.ID.MeshID, "memberId": c.ID.MemberID, "pubkey": c.ID.Pubkey(), "timestamp": ts,
-			"sessionId": sid, "pid": o.Pid, "cwd": o.Cwd,
-			"signature": protocol.Sign(c.ID.Key, protocol.HelloSigningString(c.ID.MeshID, c.ID.MemberID, c.ID.Pubkey(), ts)),
-		}
-		if o.SessionPubkey != "" {
-			f["sessionPubkey"] = o.SessionPubkey
-		}
-	}
-	if o.DisplayName != "" {
-		f["displayName"] = o.DisplayName
-	}
-	if o.Groups != nil {
-		f["groups"] = o.Groups
-	}
-	for k, v := range o.Extra {
-		f[k] = v
-	}
-	for _, k := range o.Omit {
-		delete(f, k)
-	}
-	if o.Mutate != nil {
-		o.Mutate(f)
-	}
-	return f
+	return false
 }
 
 type head struct {
@@ -286,23 +190,12 @@ type head struct {
 	ReqID string          `json:"_reqId"`
 }
 
-func (c *Client) readLoop() {
-	defer close(c.done)
+// read delivers the socket's frames until it fails, and returns why.
+func (c *Client) read(cn *conn) error {
 	for {
-		_, data, err := c.ws.ReadMessage()
+		_, data, err := cn.ws.ReadMessage()
 		if err != nil {
-			var ce *websocket.CloseError
-			if errors.As(err, &ce) {
-				c.closeCE.Store(ce)
-			}
-			c.err.Store(err)
-			c.mu.Lock()
-			for k, ch := range c.pending {
-				close(ch)
-				delete(c.pending, k)
-			}
-			c.mu.Unlock()
-			return
+			return err
 		}
 		var h head
 		_ = json.Unmarshal(data, &h)
@@ -310,8 +203,51 @@ func (c *Client) readLoop() {
 		if c.deliverPending(h, f) {
 			continue
 		}
-		c.events <- f
+		if !c.deliver(f) {
+			return ErrClosed
+		}
 	}
+}
+
+// deliver queues an unsolicited frame, blocking while the buffer is full
+// (so the broker's outbound queue absorbs the backlog); false once the
+// Client is closing.
+func (c *Client) deliver(f Frame) bool {
+	select {
+	case c.events <- f:
+		return true
+	case <-c.ctx.Done():
+		return false
+	}
+}
+
+// dropped retires a socket: it records the close frame, closes the TCP
+// connection and fails every waiting request.
+func (c *Client) dropped(cn *conn, err error) {
+	var ce *websocket.CloseError
+	if errors.As(err, &ce) {
+		c.closeCE.Store(ce)
+	}
+	c.cur.CompareAndSwap(cn, nil)
+	_ = cn.ws.Close()
+	lost := fmt.Errorf("%w: %v", ErrConnectionLost, err)
+	c.mu.Lock()
+	for k, w := range c.pending {
+		w.err = lost
+		close(w.ch)
+		delete(c.pending, k)
+	}
+	c.mu.Unlock()
+}
+
+func (c *Client) finish(err error) {
+	if err == nil {
+		err = net.ErrClosed
+	}
+	c.mu.Lock()
+	c.termErr = err
+	c.mu.Unlock()
+	c.cancel()
 }
 
 // deliverPending hands replies to their waiters: acks by id, anything else
@@ -325,24 +261,19 @@ func (c *Client) deliverPending(h head, f Frame) bool {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if ch, ok := c.pending[key]; ok && key != "" {
+	if w, ok := c.pending[key]; ok && key != "" {
 		delete(c.pending, key)
-		ch <- f
+		w.ch <- f
 		return true
 	}
 	if h.ReqID != "" {
-		if ch, ok := c.pending["req:"+h.ReqID]; ok {
+		if w, ok := c.pending["req:"+h.ReqID]; ok {
 			delete(c.pending, "req:"+h.ReqID)
-			ch <- f
+			w.ch <- f
 			return true
 		}
 	}
 	return false
-}
-
-func (c *Client) requeue(f Frame) {
-	// Put back at the end; only used during the handshake.
-	go func() { c.events <- f }()
 }
 
 // WriteJSON sends one frame.
@@ -354,15 +285,28 @@ func (c *Client) WriteJSON(v any) error {
 	return c.WriteRaw(b)
 }
 
-// WriteRaw sends raw bytes as one text frame.
+// WriteRaw sends raw bytes as one text frame. While a reconnecting client
+// has no socket it returns ErrNotConnected; after the end, an error
+// wrapping Err.
 func (c *Client) WriteRaw(b []byte) error {
-	c.writeMu.Lock()
-	defer c.writeMu.Unlock()
-	_ = c.ws.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	return c.ws.WriteMessage(websocket.TextMessage, b)
+	cn := c.cur.Load()
+	if cn == nil {
+		select {
+		case <-c.done:
+			return fmt.Errorf("write: connection ended: %w", c.Err())
+		default:
+			return ErrNotConnected
+		}
+	}
+	cn.writeMu.Lock()
+	defer cn.writeMu.Unlock()
+	_ = cn.ws.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	return cn.ws.WriteMessage(websocket.TextMessage, b)
 }
 
-// Next returns the next unsolicited frame (pushes, replies nobody waits for).
+// Next returns the next unsolicited frame (pushes, replies nobody waits
+// for), across reconnects. After the Client has ended it returns what is
+// still buffered, then Err.
 func (c *Client) Next(ctx context.Context) (Frame, error) {
 	select {
 	case f := <-c.events:
@@ -384,15 +328,22 @@ func (c *Client) Next(ctx context.Context) (Frame, error) {
 	}
 }
 
-// Events exposes the unsolicited frames as a channel.
+// Events exposes the unsolicited frames as a channel (never closed; watch
+// Done).
 func (c *Client) Events() <-chan Frame { return c.events }
 
-// Done is closed when the connection ends.
+// Done is closed when the Client has ended: its socket is gone and, with
+// Options.Reconnect, it has stopped reconnecting (Close, Kill, a terminal
+// close such as kicked or revoked, or MaxAttempts failures).
 func (c *Client) Done() <-chan struct{} { return c.done }
 
-// Err is why the connection ended (nil while open).
+// Err is why the Client ended (nil while it runs, reconnecting included):
+// the read error that ended the last socket, or the reconnect failure.
 func (c *Client) Err() error {
-	if err, ok := c.err.Load().(error); ok {
+	c.mu.Lock()
+	err := c.termErr
+	c.mu.Unlock()
+	if err != nil {
 		return err
 	}
 	select {
@@ -403,39 +354,54 @@ func (c *Client) Err() error {
 	}
 }
 
-// CloseError is the close frame the broker sent, if any.
+// CloseError is the close frame that ended the latest socket, if any.
 func (c *Client) CloseError() *websocket.CloseError { return c.closeCE.Load() }
+
+// Connected reports whether the Client has a socket right now.
+func (c *Client) Connected() bool { return c.cur.Load() != nil }
+
+// LastHelloAck is the ack of the latest successful hello (the first one
+// until a reconnect) and its raw JSON.
+func (c *Client) LastHelloAck() (protocol.HelloAck, json.RawMessage) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lastAck, c.lastAckRaw
+}
 
 // NewReqID returns a fresh correlation id.
 func (c *Client) NewReqID() string { return "r" + strconv.FormatUint(c.nextID.Add(1), 10) }
 
 func (c *Client) await(ctx context.Context, key string, frame any) (Frame, error) {
-	ch := make(chan Frame, 1)
+	w := &waiter{ch: make(chan Frame, 1)}
 	c.mu.Lock()
-	c.pending[key] = ch
+	c.pending[key] = w
 	c.mu.Unlock()
-	if err := c.WriteJSON(frame); err != nil {
+	forget := func() {
 		c.mu.Lock()
-		delete(c.pending, key)
+		if c.pending[key] == w {
+			delete(c.pending, key)
+		}
 		c.mu.Unlock()
+	}
+	if err := c.WriteJSON(frame); err != nil {
+		forget()
 		return Frame{}, err
 	}
 	select {
-	case f, ok := <-ch:
+	case f, ok := <-w.ch:
 		if !ok {
-			return Frame{}, fmt.Errorf("connection closed: %w", c.Err())
+			return Frame{}, w.err
 		}
 		return f, nil
 	case <-ctx.Done():
-		c.mu.Lock()
-		delete(c.pending, key)
-		c.mu.Unlock()
+		forget()
 		return Frame{}, ctx.Err()
 	}
 }
 
 // Request sends frame with a fresh _reqId and waits for the reply that
-// echoes it. A reply of type "error" is returned as a *ErrorReply.
+// echoes it. A reply of type "error" is returned as a *ErrorReply; a socket
+// lost before the reply, as ErrConnectionLost.
 func (c *Client) Request(ctx context.Context, frame map[string]any) (Frame, error) {
 	id := c.NewReqID()
 	frame["_reqId"] = id
@@ -451,77 +417,6 @@ func (c *Client) Request(ctx context.Context, frame map[string]any) (Frame, erro
 	return f, nil
 }
 
-// ErrorReply is an error frame answering a request.
-type ErrorReply struct{ Code, Message string }
-
-func (e *ErrorReply) Error() string { return e.Code + ": " + e.Message }
-
-// SendRequest is a send frame's content.
-type SendRequest struct {
-	TargetSpec         string
-	Priority           string // "" omits the field
-	Nonce, Ciphertext  string
-	ClientMessageID    string
-	RequestFingerprint string
-	ID                 string // correlation id; empty: generated
-}
-
-// Send sends a message and waits for its ack.
-func (c *Client) Send(ctx context.Context, r SendRequest) (protocol.Ack, error) {
-	if r.ID == "" {
-		r.ID = "s" + strconv.FormatUint(c.nextID.Add(1), 10) + "-" + randomHex(4)
-	}
-	f := map[string]any{"type": "send", "id": r.ID, "targetSpec": r.TargetSpec, "nonce": r.Nonce, "ciphertext": r.Ciphertext}
-	if r.Priority != "" {
-		f["priority"] = r.Priority
-	}
-	if r.ClientMessageID != "" {
-		f["client_message_id"] = r.ClientMessageID
-	}
-	if r.RequestFingerprint != "" {
-		f["request_fingerprint"] = r.RequestFingerprint
-	}
-	reply, err := c.await(ctx, "id:"+r.ID, f)
-	if err != nil {
-		return protocol.Ack{}, err
-	}
-	var ack protocol.Ack
-	if err := reply.Decode(&ack); err != nil {
-		return ack, err
-	}
-	if reply.Type == "error" {
-		var e protocol.ErrorFrame
-		_ = reply.Decode(&e)
-		return ack, &ErrorReply{Code: string(e.Code), Message: e.Message}
-	}
-	return ack, nil
-}
-
-// SendSealed encrypts plaintext for recipient and sends it to target.
-func (c *Client) SendSealed(ctx context.Context, target string, recipient ed25519.PublicKey, priority string, plaintext []byte) (protocol.Ack, error) {
-	key := c.ID.Key
-	if c.Opts.Session != nil {
-		key = c.Opts.Session.Key
-	}
-	nonce, ct, err := Seal(plaintext, recipient, key)
-	if err != nil {
-		return protocol.Ack{}, err
-	}
-	return c.Send(ctx, SendRequest{TargetSpec: target, Priority: priority, Nonce: nonce, Ciphertext: ct})
-}
-
-// ClientAck acknowledges a push.
-func (c *Client) ClientAck(brokerMessageID, clientMessageID string) error {
-	f := map[string]any{"type": "client_ack"}
-	if brokerMessageID != "" {
-		f["brokerMessageId"] = brokerMessageID
-	}
-	if clientMessageID != "" {
-		f["clientMessageId"] = clientMessageID
-	}
-	return c.WriteJSON(f)
-}
-
 // ListPeers asks for peers_list.
 func (c *Client) ListPeers(ctx context.Context) ([]protocol.PeerInfo, error) {
 	f, err := c.Request(ctx, map[string]any{"type": "list_peers"})
@@ -535,22 +430,34 @@ func (c *Client) ListPeers(ctx context.Context) ([]protocol.PeerInfo, error) {
 	return pl.Peers, nil
 }
 
-// Close sends a normal close frame and closes the connection.
+// Close ends the Client: it stops reconnecting, sends a normal close frame
+// (so the broker ends the lease at once rather than after its grace) and
+// closes the connection.
 func (c *Client) Close() error {
-	c.writeMu.Lock()
-	_ = c.ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
-	c.writeMu.Unlock()
-	select {
-	case <-c.done:
-	case <-time.After(2 * time.Second):
+	c.cancel()
+	cn := c.cur.Load()
+	if cn != nil {
+		cn.writeMu.Lock()
+		_ = cn.ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
+		cn.writeMu.Unlock()
+		select {
+		case <-c.done:
+		case <-time.After(2 * time.Second):
+		}
+		_ = cn.ws.Close()
 	}
-	return c.ws.Close()
+	<-c.done
+	return nil
 }
 
 // Kill drops the TCP connection without a close frame, as a crashed
-// client or a dead network would.
+// client or a dead network would, and stops reconnecting; the broker keeps
+// the lease for its grace period.
 func (c *Client) Kill() {
-	_ = c.ws.NetConn().Close()
+	c.cancel()
+	if cn := c.cur.Load(); cn != nil {
+		_ = cn.ws.NetConn().Close()
+	}
 	<-c.done
 }
 

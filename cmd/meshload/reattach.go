@@ -202,7 +202,7 @@ func rehello(ctx context.Context, o options, p peerIdentity, opts client.Options
 			// the ack sit in the kernel buffer until it closes.
 			return ws, now.Sub(dialStart), now.Sub(opened), f.PresenceID, nil
 		case "error":
-			return ws, 0, 0, "", fmt.Errorf("hello rejected: %s: %s", f.Code, f.Message)
+			return ws, 0, 0, "", &client.HandshakeError{Code: f.Code, Message: f.Message}
 		}
 	}
 }
