@@ -49,7 +49,7 @@ type Client struct {
 	cancel   context.CancelFunc
 
 	cur     atomic.Pointer[conn]                 // the live socket; nil while reconnecting and at the end
-	closeCE atomic.Pointer[websocket.CloseError] // the close frame that ended the latest socket
+	closeCE atomic.Pointer[websocket.CloseError] // the close frame that ended the latest socket, if it had one
 	nextID  atomic.Uint64
 
 	mu         sync.Mutex
@@ -152,8 +152,8 @@ func (c *Client) run(cn *conn, early []Frame) {
 			c.finish(err)
 			return
 		}
-		ce := c.closeCE.Load()
-		if c.Opts.Reconnect == nil || (ce != nil && terminalClose(ce)) {
+		var ce *websocket.CloseError
+		if c.Opts.Reconnect == nil || (errors.As(err, &ce) && terminalClose(ce)) {
 			c.finish(err)
 			return
 		}
@@ -225,9 +225,8 @@ func (c *Client) deliver(f Frame) bool {
 // connection and fails every waiting request.
 func (c *Client) dropped(cn *conn, err error) {
 	var ce *websocket.CloseError
-	if errors.As(err, &ce) {
-		c.closeCE.Store(ce)
-	}
+	errors.As(err, &ce)
+	c.closeCE.Store(ce) // nil when this socket ended without a close frame
 	c.cur.CompareAndSwap(cn, nil)
 	_ = cn.ws.Close()
 	lost := fmt.Errorf("%w: %v", ErrConnectionLost, err)
@@ -354,7 +353,9 @@ func (c *Client) Err() error {
 	}
 }
 
-// CloseError is the close frame that ended the latest socket, if any.
+// CloseError is the close frame that ended the most recently ended
+// socket; nil if none has ended or it ended without one (a dropped
+// connection, 1006).
 func (c *Client) CloseError() *websocket.CloseError { return c.closeCE.Load() }
 
 // Connected reports whether the Client has a socket right now.

@@ -190,6 +190,9 @@ func handshake(ctx context.Context, ws *websocket.Conn, hello map[string]any, ti
 			if err := f.Decode(&res.ack); err != nil {
 				return res, fmt.Errorf("decode hello_ack: %w", err)
 			}
+			if !stop() { // ctx ended just now and may have moved the deadline: give up
+				return res, fmt.Errorf("wait for hello_ack: %w", ctx.Err())
+			}
 			_ = ws.SetReadDeadline(time.Time{})
 			_ = ws.SetWriteDeadline(time.Time{})
 			return res, nil
