@@ -227,11 +227,11 @@ func TestGoClientMemberKeyReachesOneSession(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	got := make(chan string, 2)
 	for _, c := range []*client.Client{b1, b2} {
 		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-			defer cancel()
 			if m, err := c.Receive(ctx); err == nil {
 				got <- m.ID + " " + m.Recipient
 			} else {
@@ -239,14 +239,17 @@ func TestGoClientMemberKeyReachesOneSession(t *testing.T) {
 			}
 		}()
 	}
-	var hits []string
-	for range 2 {
-		if s := <-got; s != "" {
-			hits = append(hits, s)
-		}
+	if first := waitAck(t, got, "the DM at one of bob's sessions"); first != ack.MessageID+" "+f.b.Pubkey() {
+		t.Fatalf("delivery %q, want %s", first, ack.MessageID)
 	}
-	if len(hits) != 1 || hits[0] != ack.MessageID+" "+f.b.Pubkey() {
-		t.Fatalf("deliveries %q, want exactly one of %s", hits, ack.MessageID)
+	select {
+	case second := <-got:
+		t.Fatalf("a second delivery: %q", second)
+	case <-time.After(200 * time.Millisecond):
+	}
+	cancel()
+	if rest := <-got; rest != "" {
+		t.Fatalf("a second delivery: %q", rest)
 	}
 }
 
@@ -265,13 +268,15 @@ func TestGoClientManualAck(t *testing.T) {
 	if string(m.Plaintext) != "ack me" {
 		t.Fatalf("%+v", m)
 	}
-	// A round trip on bob's socket after the push: an auto ack would have
-	// been processed by now.
+	// A round trip on bob's socket after the push, then a while: an auto
+	// ack would have been processed and its mark committed.
 	if _, err := bob.ListPeers(ctxT(t)); err != nil {
 		t.Fatal(err)
 	}
-	if b.row(ack.MessageID).DeliveredAt != nil {
-		t.Fatal("ManualAck client acked on its own")
+	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if b.row(ack.MessageID).DeliveredAt != nil {
+			t.Fatal("ManualAck client acked on its own")
+		}
 	}
 	if err := bob.Ack(m); err != nil {
 		t.Fatal(err)
@@ -490,5 +495,68 @@ func TestGoClientExampleFlow(t *testing.T) {
 	}
 	if r := recvT(t, alice); string(r.Plaintext) != "re: ping" || r.Recipient != sess.Pubkey() {
 		t.Fatalf("%+v", r)
+	}
+}
+
+// A member connection (plain hello) resumes by member key and sessionId
+// once the broker has seen its old socket close.
+func TestGoClientReconnectMemberHello(t *testing.T) {
+	b := startTestBroker(t, withLease(20*time.Second))
+	f := b.fixture()
+	p := newProxy(t, b)
+	bob := b.connect(f.b, client.Options{})
+	alice, acks, drops := reconnecting(t, b, p, f.a, client.Options{SessionID: "alice-daemon"})
+	waitFrame(t, bob, 5*time.Second, isEvent("peer_joined"))
+	p.refuse.Store(true)
+	p.cut()
+	waitAck(t, drops, "OnDisconnect")
+	b.waitOffline(alice.HelloAck.PresenceID)
+	p.refuse.Store(false)
+	if a := waitAck(t, acks, "OnReconnect"); a.PresenceID != alice.HelloAck.PresenceID {
+		t.Fatalf("new presence %s, want %s", a.PresenceID, alice.HelloAck.PresenceID)
+	}
+	if _, err := bob.SendDirect(ctxT(t), pub(f.a.Key), client.PriorityNow, []byte("still there?")); err != nil {
+		t.Fatal(err)
+	}
+	if m := recvT(t, alice); string(m.Plaintext) != "still there?" || m.Recipient != f.a.Pubkey() {
+		t.Fatalf("%+v", m)
+	}
+	if got := collect(bob, 100*time.Millisecond, func(fr client.Frame) bool {
+		return isEvent("peer_left")(fr) || isEvent("peer_joined")(fr) || isEvent("peer_returned")(fr)
+	}); len(got) != 0 {
+		t.Fatalf("the observer saw the outage: %s", got[0].Raw)
+	}
+}
+
+// An outage longer than the lease: the broker has evicted the presence, so
+// the stale token is ignored, the hello is judged on its own, and the
+// client carries on as a new presence.
+func TestGoClientReconnectAfterLeaseExpiry(t *testing.T) {
+	b := startTestBroker(t, withLease(200*time.Millisecond))
+	f := b.fixture()
+	p := newProxy(t, b)
+	bob := b.connect(f.b, client.Options{})
+	sess := client.NewSession()
+	alice, acks, drops := reconnecting(t, b, p, f.a, client.Options{Session: &sess})
+	waitFrame(t, bob, 5*time.Second, isEvent("peer_joined"))
+	p.refuse.Store(true)
+	p.cut()
+	waitAck(t, drops, "OnDisconnect")
+	waitFrame(t, bob, 5*time.Second, func(fr client.Frame) bool {
+		return isEvent("peer_left")(fr) && strings.Contains(string(fr.Raw), sess.Pubkey())
+	})
+	p.refuse.Store(false)
+	a := waitAck(t, acks, "OnReconnect")
+	if a.PresenceID == "" || a.PresenceID == alice.HelloAck.PresenceID || a.ResumeToken == "" {
+		t.Fatalf("ack after expiry %+v", a)
+	}
+	waitFrame(t, bob, 5*time.Second, func(fr client.Frame) bool {
+		return (isEvent("peer_joined")(fr) || isEvent("peer_returned")(fr)) && strings.Contains(string(fr.Raw), sess.Pubkey())
+	})
+	if _, err := bob.SendDirect(ctxT(t), pub(sess.Key), client.PriorityNow, []byte("welcome back")); err != nil {
+		t.Fatal(err)
+	}
+	if m := recvT(t, alice); string(m.Plaintext) != "welcome back" {
+		t.Fatalf("%+v", m)
 	}
 }
