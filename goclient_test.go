@@ -35,9 +35,10 @@ type tcpProxy struct {
 	swallow atomic.Bool  // drop client->broker bytes
 	dropped atomic.Int64 // bytes swallowed
 
-	mu    sync.Mutex
-	pairs [][2]net.Conn
-	wg    sync.WaitGroup
+	mu       sync.Mutex
+	pairs    [][2]net.Conn
+	orphaned map[net.Conn]bool // broker sides kept open after cutClientSide
+	wg       sync.WaitGroup
 }
 
 func newProxy(t *testing.T, b *testBroker) *tcpProxy {
@@ -79,8 +80,23 @@ func (p *tcpProxy) accept() {
 		p.pairs = append(p.pairs, [2]net.Conn{down, up})
 		p.mu.Unlock()
 		p.wg.Add(2)
-		go func() { defer p.wg.Done(); p.pipe(up, down, true); _ = up.Close(); _ = down.Close() }()
-		go func() { defer p.wg.Done(); _, _ = io.Copy(down, up); _ = up.Close(); _ = down.Close() }()
+		go func() {
+			defer p.wg.Done()
+			p.pipe(up, down, true)
+			_ = down.Close()
+			if !p.isOrphaned(up) {
+				_ = up.Close()
+			}
+		}()
+		go func() {
+			defer p.wg.Done()
+			_, _ = io.Copy(down, up)
+			_ = down.Close()
+			if p.isOrphaned(up) {
+				_, _ = io.Copy(io.Discard, up) // the broker writes on into a socket nobody reads
+			}
+			_ = up.Close()
+		}()
 	}
 }
 
@@ -104,15 +120,48 @@ func (p *tcpProxy) pipe(dst, src net.Conn, fromClient bool) {
 
 // cut closes every forwarded connection on both sides, without close
 // frames: the broker sees a dead socket (grace), the client a read error.
+// It also closes the broker sides cutClientSide left open.
 func (p *tcpProxy) cut() {
 	p.mu.Lock()
 	pairs := p.pairs
 	p.pairs = nil
+	var orphans []net.Conn
+	for c := range p.orphaned {
+		orphans = append(orphans, c)
+	}
 	p.mu.Unlock()
 	for _, pr := range pairs {
 		_ = pr[0].Close()
 		_ = pr[1].Close()
 	}
+	for _, c := range orphans {
+		_ = c.Close()
+	}
+}
+
+// cutClientSide closes only the client's side: the client sees its socket
+// fail while the broker's stays open and, as far as it can tell, alive
+// (a half-open connection, as after a NAT or Wi-Fi change).
+func (p *tcpProxy) cutClientSide() {
+	p.mu.Lock()
+	pairs := p.pairs
+	p.pairs = nil
+	if p.orphaned == nil {
+		p.orphaned = map[net.Conn]bool{}
+	}
+	for _, pr := range pairs {
+		p.orphaned[pr[1]] = true
+	}
+	p.mu.Unlock()
+	for _, pr := range pairs {
+		_ = pr[0].Close()
+	}
+}
+
+func (p *tcpProxy) isOrphaned(up net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.orphaned[up]
 }
 
 // reconnecting connects id through the proxy with a fast reconnect policy
@@ -558,5 +607,47 @@ func TestGoClientReconnectAfterLeaseExpiry(t *testing.T) {
 	}
 	if m := recvT(t, alice); string(m.Plaintext) != "welcome back" {
 		t.Fatalf("%+v", m)
+	}
+}
+
+// A half-open drop: the client's socket fails while the broker still
+// believes the old one is online. The reconnect's token (bound to the
+// member key its hello proved) takes that lease over, for a member hello
+// as for a session: same presence, nothing at the observer.
+func TestGoClientReconnectTakesOverHalfOpenLease(t *testing.T) {
+	b := startTestBroker(t, withLease(20*time.Second))
+	f := b.fixture()
+	p := newProxy(t, b)
+	bob := b.connect(f.b, client.Options{})
+	sess := client.NewSession()
+	member, macks, _ := reconnecting(t, b, p, f.a, client.Options{SessionID: "alice-daemon"})
+	session, sacks, _ := reconnecting(t, b, p, f.c, client.Options{Session: &sess})
+	for range 2 {
+		waitFrame(t, bob, 5*time.Second, isEvent("peer_joined"))
+	}
+	p.cutClientSide()
+	for _, tc := range []struct {
+		c    *client.Client
+		acks chan protocol.HelloAck
+	}{{member, macks}, {session, sacks}} {
+		if a := waitAck(t, tc.acks, "OnReconnect"); a.PresenceID != tc.c.HelloAck.PresenceID {
+			t.Fatalf("%s: new presence %s, want %s", tc.c.ID.DisplayName, a.PresenceID, tc.c.HelloAck.PresenceID)
+		}
+	}
+	for _, tc := range []struct {
+		c   *client.Client
+		key []byte
+	}{{member, pub(f.a.Key)}, {session, pub(sess.Key)}} {
+		if _, err := bob.SendDirect(ctxT(t), tc.key, client.PriorityNow, []byte("hello "+tc.c.ID.DisplayName)); err != nil {
+			t.Fatal(err)
+		}
+		if m := recvT(t, tc.c); string(m.Plaintext) != "hello "+tc.c.ID.DisplayName {
+			t.Fatalf("%+v", m)
+		}
+	}
+	if got := collect(bob, 100*time.Millisecond, func(fr client.Frame) bool {
+		return isEvent("peer_left")(fr) || isEvent("peer_joined")(fr) || isEvent("peer_returned")(fr)
+	}); len(got) != 0 {
+		t.Fatalf("the observer saw the outage: %s", got[0].Raw)
 	}
 }

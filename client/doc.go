@@ -100,9 +100,12 @@
 // a policy rejection (1008), the lease being taken over by another socket
 // of the same session (1000 session_replaced) or a hello the broker
 // refuses for good end the Client instead; Done is closed and Err says
-// why. A member connection (no Session) resumes the same way once the
-// broker has seen its old socket close, which it has when the broker cut
-// it; a session connection resumes in every case.
+// why. meshbroker gives every hello_ack a token bound to the key the
+// hello proved, and a token takes the lease over even while the broker
+// still believes the old socket is alive, so member connections (no
+// Session) resume like session ones. Without a token (other brokers), a
+// member connection gets its lease back only once the broker has seen the
+// old socket close; until then the broker replaces it with a new presence.
 //
 // # Concurrency
 //

@@ -24,7 +24,8 @@ import (
 // presence instead; OnReconnect's ack.PresenceID tells which happened. The
 // token is only ever replayed with the identity whose hello earned it, so
 // it stays valid whether the broker binds it to the session key or the
-// member key.
+// member key. A token refused along with its hello is dropped, and the
+// next attempt is a plain signed hello, which the broker judges on its own.
 
 // redial waits out the backoff and reconnects, until it succeeds, the
 // broker refuses for good, MaxAttempts runs out or the Client is closed.
@@ -32,6 +33,7 @@ func (c *Client) redial() (*conn, handshakeResult, error) {
 	pol := *c.Opts.Reconnect
 	lo, hi := pol.bounds()
 	step := lo
+	useToken := true
 	for failures := 0; ; {
 		wait := time.NewTimer(jitter(step))
 		select {
@@ -40,11 +42,14 @@ func (c *Client) redial() (*conn, handshakeResult, error) {
 			return nil, handshakeResult{}, ErrClosed
 		case <-wait.C:
 		}
-		c.mu.Lock()
-		token := c.lastAck.ResumeToken
-		c.mu.Unlock()
-		if token == "" {
-			token = c.Opts.ResumeToken
+		var token string
+		if useToken {
+			c.mu.Lock()
+			token = c.lastAck.ResumeToken
+			c.mu.Unlock()
+			if token == "" {
+				token = c.Opts.ResumeToken
+			}
 		}
 		cn, res, err := c.dialHello(c.ctx, token)
 		if err == nil {
@@ -67,7 +72,12 @@ func (c *Client) redial() (*conn, handshakeResult, error) {
 		}
 		var he *HandshakeError
 		if errors.As(err, &he) && !he.retryable() {
-			return nil, res, fmt.Errorf("reconnect: %w", err)
+			if token == "" {
+				return nil, res, fmt.Errorf("reconnect: %w", err)
+			}
+			// A token whose lease vanished under it is refused ("resume
+			// rejected: lease expired"); a full hello without it decides.
+			useToken = false
 		}
 		failures++
 		if pol.MaxAttempts > 0 && failures >= pol.MaxAttempts {
