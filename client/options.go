@@ -52,10 +52,12 @@ type Options struct {
 	hooks *clienthooks.Hooks // test-only knobs, see internal/clienttest
 }
 
-// ReconnectPolicy is the backoff of automatic reconnection. Delays grow
-// from MinDelay, doubling per failed attempt up to MaxDelay, each with
-// random jitter (between half and the whole of the step), so a broker
-// restart does not bring every client back in the same instant.
+// ReconnectPolicy is the backoff of automatic reconnection, which starts
+// after the first socket is lost: Connect itself does not retry, its dial
+// and hello must succeed. Delays grow from MinDelay, doubling per failed
+// attempt up to MaxDelay, each with random jitter (between half and the
+// whole of the step), so a broker restart does not bring every client back
+// in the same instant.
 type ReconnectPolicy struct {
 	MinDelay time.Duration // first delay; default 500 ms
 	MaxDelay time.Duration // largest delay; default 30 s
