@@ -77,6 +77,9 @@ type Config struct {
 	// Extras (04).
 	WatchAllowPrivate bool   // WATCH_ALLOW_PRIVATE, default false: URL watches may reach private addresses
 	ResumeTokenKey    string // RESUME_TOKEN_KEY: 64 hex (ed25519 seed); empty means generated and persisted
+
+	// Shared toolbox limits (TOOLBOX_*).
+	Toolbox Toolbox
 }
 
 // Default returns the reference defaults.
@@ -124,6 +127,7 @@ func Default() Config {
 		ShutdownTimeout:  10 * time.Second,
 		GitSHA:           "",
 		LogLevel:         slog.LevelInfo,
+		Toolbox:          DefaultToolbox(),
 	}
 }
 
@@ -303,7 +307,7 @@ var vars = []envVar{
 // value stops loading with an error naming the variable and what it accepts.
 func Load(getenv func(string) string) (Config, error) {
 	c := Default()
-	for _, v := range vars {
+	for _, v := range allVars() {
 		raw := strings.TrimSpace(getenv(v.name))
 		if raw == "" {
 			continue
@@ -320,7 +324,7 @@ func Usage() string {
 	var b strings.Builder
 	d := Default()
 	b.WriteString("Environment variables (default in brackets):\n")
-	for _, v := range vars {
+	for _, v := range allVars() {
 		def := v.def(d)
 		if def == "" {
 			def = "unset"

@@ -3,6 +3,7 @@ package services
 import (
 	"context"
 	"fmt"
+	"gorm.io/gorm"
 	"log/slog"
 	"strings"
 	"sync"
@@ -705,6 +706,9 @@ func (m *MessagingService) SendAsync(ctx context.Context, sender *Conn, req Send
 type sendState struct {
 	async   bool
 	pending *PendingSend
+	// A scheduled send (see SendScheduled): claim commits with the row.
+	claim     func(tx *gorm.DB) error
+	scheduled bool
 }
 
 func (m *MessagingService) send(ctx context.Context, st *sendState, sender *Conn, req SendRequest, reply func(protocol.Ack)) error {
@@ -722,7 +726,7 @@ func (m *MessagingService) send(ctx context.Context, st *sendState, sender *Conn
 		}
 		defer m.finishAccept(key)
 	}
-	if !m.limiter.Take(sender.MemberID) {
+	if !st.scheduled && !m.limiter.Take(sender.MemberID) {
 		m.metrics.MessagesRejected.WithLabelValues("rate_limit").Inc()
 		m.setAccepted(key, rejectAck(req.ID, errRateLimit))
 		reply(rejectAck(req.ID, errRateLimit))
@@ -829,6 +833,13 @@ func (m *MessagingService) store(ctx context.Context, st *sendState, sender *Con
 		reply(protocol.Ack{Type: "ack", ID: req.ID, MessageID: row.ID, Queued: true})
 		after()
 	}
+	if st.claim != nil {
+		if err := m.queue.InsertWithin(ctx, row, st.claim); err != nil {
+			return fmt.Errorf("scheduled send of %s: %w", protocol.Short(sender.MemberPubkey), err)
+		}
+		finish()
+		return nil
+	}
 	if st.async {
 		done, err := m.queue.InsertAsync(ctx, row)
 		if err != nil {
@@ -864,6 +875,9 @@ func (m *MessagingService) sendDirect(ctx context.Context, st *sendState, sender
 			row.TargetSpec = resolved
 			cands = m.directCandidates(sender, resolved)
 		}
+	}
+	if len(cands) == 0 && st.scheduled && protocol.IsHex(row.TargetSpec, 64) {
+		return m.queueForLater(ctx, st, sender, req, row, reply)
 	}
 	if len(cands) == 0 {
 		m.metrics.MessagesRejected.WithLabelValues("no_recipient").Inc()
