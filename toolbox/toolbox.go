@@ -106,7 +106,7 @@ type Deps struct {
 // New makes the toolbox and its scheduler; Start runs the scheduler.
 func New(d Deps) *Toolbox {
 	st := &store{db: d.DB}
-	t := &Toolbox{store: st, limits: d.Limits, log: d.Log.With("component", "toolbox"), now: d.Now, audit: d.Audit, notify: d.Notify, mods: d.Moderators}
+	t := &Toolbox{store: st, limits: d.Limits, log: d.Log.With("svc", "toolbox"), now: d.Now, audit: d.Audit, notify: d.Notify, mods: d.Moderators}
 	t.sched = newScheduler(st, d.Limits, t.log, d.Now, d.Sender, d.Audit)
 	return t
 }
