@@ -13,7 +13,7 @@ import "time"
 // Memory is a row of mesh.memory: one remembered note of a mesh. On Postgres
 // the generated search_vector column (to_tsvector('english', content)) and
 // its GIN index memory_search_idx serve recall; on SQLite the FTS5 table
-// memory_fts, kept in step by triggers, does.
+// memory_fts, filled by a trigger, does.
 type Memory struct {
 	ID               string     `gorm:"column:id;primaryKey"`
 	MeshID           string     `gorm:"column:mesh_id"`
@@ -256,11 +256,13 @@ func toolboxPostgresTables() []tableDDL {
 	}
 }
 
-// SQLite DDL: the same tables. Recall uses the external-content FTS5 table
-// memory_fts (porter stemming over unicode61, ranked by bm25), which the
-// triggers keep equal to memory.content; rows are never updated in place
-// except forgotten_at, which the search query filters on.
-
+// SQLite DDL: the same tables. Recall uses the FTS5 table memory_fts
+// (porter stemming over unicode61, ranked by bm25), which holds its own copy
+// of each memory's content and the memory's id, filled by a trigger and
+// joined on that id. It is not an external-content table keyed by memory's
+// rowid: memory has no INTEGER PRIMARY KEY, so a VACUUM may renumber its
+// rowids. Rows are only soft-deleted (forgotten_at, filtered by the query);
+// a memory removed by a mesh's cascade leaves an index row that joins nothing.
 const sqliteMemory = `CREATE TABLE IF NOT EXISTS memory (
 	id TEXT PRIMARY KEY NOT NULL,
 	mesh_id TEXT NOT NULL REFERENCES mesh(id) ON DELETE CASCADE ON UPDATE CASCADE,
@@ -272,19 +274,17 @@ const sqliteMemory = `CREATE TABLE IF NOT EXISTS memory (
 	forgotten_at DATETIME
 )`
 
-const sqliteMemoryFTS = `CREATE VIRTUAL TABLE IF NOT EXISTS memory_fts USING fts5(content, content='memory', content_rowid='rowid', tokenize='porter unicode61')`
+const sqliteMemoryFTS = `CREATE VIRTUAL TABLE IF NOT EXISTS memory_fts USING fts5(content, memory_id UNINDEXED, tokenize='porter unicode61')`
 
 const sqliteMemoryFTSInsert = `CREATE TRIGGER IF NOT EXISTS memory_fts_ai AFTER INSERT ON memory BEGIN
-	INSERT INTO memory_fts(rowid, content) VALUES (new.rowid, new.content);
+	INSERT INTO memory_fts(content, memory_id) VALUES (new.content, new.id);
 END`
 
-const sqliteMemoryFTSDelete = `CREATE TRIGGER IF NOT EXISTS memory_fts_ad AFTER DELETE ON memory BEGIN
-	INSERT INTO memory_fts(memory_fts, rowid, content) VALUES ('delete', old.rowid, old.content);
-END`
-
+// Content is never changed by the broker; should something else change it,
+// the index follows (a scan of memory_fts, acceptable for a rare write).
 const sqliteMemoryFTSUpdate = `CREATE TRIGGER IF NOT EXISTS memory_fts_au AFTER UPDATE OF content ON memory BEGIN
-	INSERT INTO memory_fts(memory_fts, rowid, content) VALUES ('delete', old.rowid, old.content);
-	INSERT INTO memory_fts(rowid, content) VALUES (new.rowid, new.content);
+	DELETE FROM memory_fts WHERE memory_id = old.id;
+	INSERT INTO memory_fts(content, memory_id) VALUES (new.content, new.id);
 END`
 
 const sqliteContext = `CREATE TABLE IF NOT EXISTS context (
@@ -376,7 +376,6 @@ func toolboxSQLiteTables() []tableDDL {
 		}},
 		{"memory_fts", sqliteMemoryFTS, nil},
 		{"memory_fts_ai", sqliteMemoryFTSInsert, nil},
-		{"memory_fts_ad", sqliteMemoryFTSDelete, nil},
 		{"memory_fts_au", sqliteMemoryFTSUpdate, nil},
 		{"context", sqliteContext, []string{
 			`CREATE UNIQUE INDEX IF NOT EXISTS context_mesh_member_idx ON context (mesh_id, member_id)`,

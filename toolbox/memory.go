@@ -66,13 +66,13 @@ func (t *Toolbox) Recall(ctx context.Context, c Caller, query string) ([]protoco
 		// The words are re-joined so the tsquery sees the same terms SQLite does.
 		q := strings.Join(words, " ")
 		err = s.raw(ctx, &rows, `SELECT id, content, `+s.arrayOut("tags", "tags")+`, remembered_by_name, remembered_at
-			FROM mesh.memory
+			FROM `+s.table("memory")+`
 			WHERE mesh_id = ? AND forgotten_at IS NULL AND search_vector @@ plainto_tsquery('english', ?)
 			ORDER BY ts_rank(search_vector, plainto_tsquery('english', ?)) DESC, remembered_at DESC
 			LIMIT ?`, c.MeshID, q, q, recallLimit)
 	} else {
 		err = s.raw(ctx, &rows, `SELECT m.id, m.content, `+s.arrayOut("m.tags", "tags")+`, m.remembered_by_name, m.remembered_at
-			FROM memory_fts JOIN memory m ON m.rowid = memory_fts.rowid
+			FROM memory_fts JOIN memory m ON m.id = memory_fts.memory_id
 			WHERE memory_fts MATCH ? AND m.mesh_id = ? AND m.forgotten_at IS NULL
 			ORDER BY bm25(memory_fts), m.remembered_at DESC
 			LIMIT ?`, ftsQuery(words), c.MeshID, recallLimit)
