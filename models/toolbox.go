@@ -79,7 +79,9 @@ type Context struct {
 	MemberID    *string   `gorm:"column:member_id"`
 }
 
-// Skill is a row of mesh.skill, unique on (mesh_id, name).
+// Skill is a row of mesh.skill, unique on (mesh_id, name). The table's
+// source_type, bundle_file_id and git_* columns (skill deploy, out of scope)
+// are created but not required of an existing table.
 type Skill struct {
 	ID             string    `gorm:"column:id;primaryKey"`
 	MeshID         string    `gorm:"column:mesh_id"`
@@ -89,11 +91,6 @@ type Skill struct {
 	Tags           []string  `gorm:"column:tags;serializer:json"`
 	AuthorMemberID *string   `gorm:"column:author_member_id"`
 	AuthorName     *string   `gorm:"column:author_name"`
-	SourceType     *string   `gorm:"column:source_type"`
-	BundleFileID   *string   `gorm:"column:bundle_file_id"`
-	GitURL         *string   `gorm:"column:git_url"`
-	GitBranch      *string   `gorm:"column:git_branch"`
-	GitSha         *string   `gorm:"column:git_sha"`
 	Manifest       JSON      `gorm:"column:manifest"`
 	CreatedAt      time.Time `gorm:"column:created_at"`
 	UpdatedAt      time.Time `gorm:"column:updated_at"`
