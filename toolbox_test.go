@@ -152,6 +152,8 @@ func TestToolboxMemory(t *testing.T) {
 	refused(t, alice, "limit_exceeded", map[string]any{"type": "remember", "content": strings.Repeat("x", 1025)})
 	refused(t, alice, "limit_exceeded", map[string]any{"type": "remember", "content": "x", "tags": make([]string, 33)})
 	refused(t, alice, "invalid_argument", map[string]any{"type": "recall", "query": 7})
+	refused(t, alice, "limit_exceeded", map[string]any{"type": "recall", "query": strings.Repeat("word ", 33)})
+	refused(t, alice, "limit_exceeded", map[string]any{"type": "recall", "query": strings.Repeat("x", 1025)})
 	if n := b.count("memory", "mesh_id = ?", f.meshID); n != 2 {
 		t.Fatalf("%d memories after refusals, want 2", n)
 	}

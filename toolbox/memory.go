@@ -13,6 +13,10 @@ import (
 // recallLimit is the reference's: at most 20 memories per recall.
 const recallLimit = 20
 
+// maxQueryWords bounds the terms of one recall (all are required, so a
+// longer query would match nothing anyway).
+const maxQueryWords = 32
+
 // Remember stores a memory and returns its id.
 func (t *Toolbox) Remember(ctx context.Context, c Caller, f *protocol.Remember) (string, error) {
 	content, err := required("content", f.Content, t.limits.MaxItemBytes)
@@ -53,10 +57,16 @@ type memoryRow struct {
 // A query with no searchable word (empty, punctuation, only stop words)
 // matches nothing.
 func (t *Toolbox) Recall(ctx context.Context, c Caller, query string) ([]protocol.MemoryView, error) {
+	if len(query) > t.limits.MaxItemBytes {
+		return nil, limit("query is %d bytes, more than the %d allowed", len(query), t.limits.MaxItemBytes)
+	}
 	words := searchWords(query)
 	out := []protocol.MemoryView{}
 	if len(words) == 0 {
 		return out, nil
+	}
+	if len(words) > maxQueryWords {
+		return nil, limit("query has %d search words, more than the %d allowed", len(words), maxQueryWords)
 	}
 	s := t.store
 	var rows []memoryRow
