@@ -709,3 +709,29 @@ func TestToolboxFrameShapes(t *testing.T) {
 		t.Fatalf("task_list without a request id: %s", got.Raw)
 	}
 }
+
+// The CLI's cold path writes claim_task, complete_task, share_context and
+// forget and closes the socket at once; each still takes effect.
+func TestFireAndForgetBeforeClose(t *testing.T) {
+	b := startTestBroker(t)
+	f := b.fixture()
+	alice := b.connect(f.a, client.Options{})
+	task := call(t, alice, map[string]any{"type": "create_task", "title": "cold path"})["id"].(string)
+	mem := call(t, alice, map[string]any{"type": "remember", "content": "cold path memory"})["id"].(string)
+	oneShot := func(frame map[string]any) {
+		t.Helper()
+		c := b.connect(f.b, client.Options{})
+		if err := c.WriteJSON(frame); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	oneShot(map[string]any{"type": "claim_task", "taskId": task})
+	waitFor(t, 10*time.Second, "the claim", func() bool { return b.count("task", "id = ? AND status = 'claimed'", task) == 1 })
+	oneShot(map[string]any{"type": "complete_task", "taskId": task, "result": "done cold"})
+	waitFor(t, 10*time.Second, "the completion", func() bool { return b.count("task", "id = ? AND status = 'done'", task) == 1 })
+	oneShot(map[string]any{"type": "share_context", "summary": "cold share"})
+	waitFor(t, 10*time.Second, "the context", func() bool { return b.count("context", "member_id = ?", f.b.MemberID) == 1 })
+	oneShot(map[string]any{"type": "forget", "memoryId": mem})
+	waitFor(t, 10*time.Second, "the forget", func() bool { return b.count("memory", "id = ? AND forgotten_at IS NOT NULL", mem) == 1 })
+}
