@@ -581,7 +581,8 @@ func TestScheduledDMToOfflineMember(t *testing.T) {
 }
 
 func TestScheduleRefusals(t *testing.T) {
-	b := startTestBroker(t, withToolbox(func(l *config.Toolbox) { l.MaxSchedulesPerMember = 2; l.MaxItemBytes = 512 }))
+	b := startTestBroker(t, withToolbox(func(l *config.Toolbox) { l.MaxSchedulesPerMember = 2; l.MaxItemBytes = 512 }),
+		func(c *config.Config) { c.MaxMessageBytes = 700 })
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
 	now := b.now()
@@ -600,6 +601,8 @@ func TestScheduleRefusals(t *testing.T) {
 	refused(t, alice, "invalid_argument", base("to", "#general", "deliverAt", now.Add(time.Hour).UnixMilli()))
 	refused(t, alice, "invalid_argument", base("message", "", "deliverAt", now.Add(time.Hour).UnixMilli()))
 	refused(t, alice, "limit_exceeded", base("message", strings.Repeat("x", 513), "deliverAt", now.Add(time.Hour).UnixMilli()))
+	// 480 bytes fit the item cap but not MAX_MESSAGE_BYTES once encoded.
+	refused(t, alice, "limit_exceeded", base("message", strings.Repeat("x", 480), "deliverAt", now.Add(time.Hour).UnixMilli()))
 	for _, expr := range []string{"not a cron", "61 * * * *", "* * * * * *", "@every 10s", "0 0 30 2 *", "*/0 * * * *"} {
 		msg := refused(t, alice, "invalid_cron", base("cron", expr, "deliverAt", 0))
 		if !strings.Contains(msg, "Invalid cron expression") {

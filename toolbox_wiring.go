@@ -18,9 +18,10 @@ import (
 func newToolbox(cfg config.Config, logger *slog.Logger, db *models.DB, now func() time.Time, b *broker, members *services.MemberDirectory) *toolbox.Toolbox {
 	return toolbox.New(toolbox.Deps{
 		DB: db, Limits: cfg.Toolbox, Log: logger, Now: now, Audit: b.audit,
-		Notify:     meshNotifier{b.presence},
-		Moderators: members,
-		Sender:     scheduledSender{b.messaging},
+		Notify:       meshNotifier{b.presence},
+		Moderators:   members,
+		Sender:       scheduledSender{b.messaging},
+		MaxSendBytes: cfg.MaxMessageBytes,
 	})
 }
 

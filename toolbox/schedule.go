@@ -2,6 +2,7 @@ package toolbox
 
 import (
 	"context"
+	"encoding/base64"
 	"fmt"
 	"math"
 	"strings"
@@ -72,6 +73,9 @@ func (t *Toolbox) Schedule(ctx context.Context, c Caller, f *protocol.Schedule) 
 	message, err := required("message", f.Message, t.limits.MaxItemBytes)
 	if err != nil {
 		return ack, err
+	}
+	if t.maxSendBytes > 0 && base64.StdEncoding.EncodedLen(len(message))+len(to) > t.maxSendBytes {
+		return ack, limit("message is too large to send: %d bytes encoded, more than MAX_MESSAGE_BYTES=%d", base64.StdEncoding.EncodedLen(len(message))+len(to), t.maxSendBytes)
 	}
 	subtype, err := optional("subtype", f.Subtype, 32)
 	if err != nil {

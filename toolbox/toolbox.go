@@ -89,6 +89,8 @@ type Toolbox struct {
 	notify Notifier
 	mods   Moderators
 	sched  *Scheduler
+
+	maxSendBytes int // the send path's payload cap (MAX_MESSAGE_BYTES)
 }
 
 // Deps are the Toolbox's collaborators.
@@ -101,12 +103,16 @@ type Deps struct {
 	Notify     Notifier
 	Moderators Moderators
 	Sender     Sender
+	// MaxSendBytes is the send path's cap on a payload (MAX_MESSAGE_BYTES):
+	// a scheduled body that would exceed it once base64-encoded is refused
+	// when scheduled rather than when it falls due.
+	MaxSendBytes int
 }
 
 // New makes the toolbox and its scheduler; Start runs the scheduler.
 func New(d Deps) *Toolbox {
 	st := &store{db: d.DB}
-	t := &Toolbox{store: st, limits: d.Limits, log: d.Log.With("svc", "toolbox"), now: d.Now, audit: d.Audit, notify: d.Notify, mods: d.Moderators}
+	t := &Toolbox{store: st, limits: d.Limits, log: d.Log.With("svc", "toolbox"), now: d.Now, audit: d.Audit, notify: d.Notify, mods: d.Moderators, maxSendBytes: d.MaxSendBytes}
 	t.sched = newScheduler(st, d.Limits, t.log, d.Now, d.Sender, d.Audit)
 	return t
 }
