@@ -3,12 +3,13 @@ package services
 import (
 	"context"
 	"fmt"
-	"gorm.io/gorm"
 	"log/slog"
 	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
+
+	"gorm.io/gorm"
 
 	"github.com/claudemesh/meshbroker/config"
 	"github.com/claudemesh/meshbroker/models"
