@@ -688,11 +688,29 @@ func jsonField(b *testBroker, col, field string) string {
 	return "CASE json_extract(" + col + ", '$." + field + "') WHEN 1 THEN 'true' ELSE 'false' END"
 }
 
-// The toolbox frames answer a socket that has not said hello like any
-// other frame, and unknown fields are ignored.
+// Before a hello a toolbox frame is refused like any other; after it,
+// unknown fields are ignored and _reqId is echoed only when sent.
 func TestToolboxFrameShapes(t *testing.T) {
 	b := startTestBroker(t)
 	f := b.fixture()
+	ws, err := client.Dial(ctxT(t), b.url(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	for _, typ := range []string{"remember", "schedule", "vault_list", "claim_task"} {
+		if err := ws.WriteJSON(map[string]any{"type": typ, "content": "x", "_reqId": "r"}); err != nil {
+			t.Fatal(err)
+		}
+		_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		var e protocol.ErrorFrame
+		if err := ws.ReadJSON(&e); err != nil || e.Code != protocol.CodeNoHello {
+			t.Fatalf("%s before hello: %+v %v", typ, e, err)
+		}
+	}
+	if n := b.count("memory", "mesh_id = ?", f.meshID); n != 0 {
+		t.Fatalf("%d memories stored before a hello", n)
+	}
 	alice := b.connect(f.a, client.Options{})
 	raw, err := alice.Request(ctxT(t), map[string]any{"type": "remember", "content": "shape check", "extra": true})
 	if err != nil {
