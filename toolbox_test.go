@@ -517,6 +517,9 @@ func TestScheduleDelivers(t *testing.T) {
 	if n := b.auditCount(f.meshID, "message_sent"); n != 1 {
 		t.Fatalf("%d message_sent entries, want the send path's 1", n)
 	}
+	if _, _, body := httpDo(t, "GET", b.httpURL("/metrics"), ""); !strings.Contains(body, `meshbroker_scheduled_fires_total{late="false",outcome="queued"} 1`) {
+		t.Fatalf("metrics lack the fire:\n%s", grepLines(body, "scheduled"))
+	}
 
 	// To everyone, and to a group.
 	alice = b.connect(f.a, client.Options{})

@@ -22,6 +22,7 @@ func newToolbox(cfg config.Config, logger *slog.Logger, db *models.DB, now func(
 		Moderators:   members,
 		Sender:       scheduledSender{b.messaging},
 		MaxSendBytes: cfg.MaxMessageBytes,
+		Registry:     b.metrics.Registry,
 	})
 }
 

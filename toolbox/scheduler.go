@@ -5,10 +5,12 @@ import (
 	"encoding/base64"
 	"errors"
 	"log/slog"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"gorm.io/gorm"
 
 	"github.com/claudemesh/meshbroker/config"
@@ -65,11 +67,16 @@ type Scheduler struct {
 	done   chan struct{}
 	once   sync.Once
 
-	fired atomic.Int64 // fires committed by this process
+	fired atomic.Int64           // fires committed by this process
+	fires *prometheus.CounterVec // the same, by outcome and lateness
 }
 
 func newScheduler(st *store, limits config.Toolbox, log *slog.Logger, now func() time.Time, sender Sender, audit Auditor) *Scheduler {
-	return &Scheduler{store: st, limits: limits, log: log, now: now, sender: sender, audit: audit, wake: make(chan struct{}, 1)}
+	return &Scheduler{store: st, limits: limits, log: log, now: now, sender: sender, audit: audit, wake: make(chan struct{}, 1),
+		fires: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshbroker_scheduled_fires_total",
+			Help: "Scheduled messages fired, by outcome (queued: stored and routed; refused: the send path refused it) and whether the fire was late",
+		}, []string{"outcome", "late"})}
 }
 
 func (s *Scheduler) start() {
@@ -247,6 +254,11 @@ func (s *Scheduler) fire(ctx context.Context, r scheduleRow) error {
 		lateness = now.Sub(*r.DeliverAt)
 	}
 	late := lateness > s.limits.ScheduleLate
+	outcome := "queued"
+	if !out.Queued {
+		outcome = "refused"
+	}
+	s.fires.WithLabelValues(outcome, strconv.FormatBool(late)).Inc()
 	payload := map[string]any{"scheduledId": r.ID, "to": r.To, "delivered": out.Queued, "firedCount": r.FiredCount + 1, "late": late}
 	if late {
 		payload["lateMs"] = lateness.Milliseconds()

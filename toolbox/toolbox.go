@@ -28,6 +28,8 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/claudemesh/meshbroker/config"
 	"github.com/claudemesh/meshbroker/models"
 	"github.com/claudemesh/meshbroker/protocol"
@@ -103,6 +105,8 @@ type Deps struct {
 	Notify     Notifier
 	Moderators Moderators
 	Sender     Sender
+	// Registry receives the toolbox's metrics (nil: none registered).
+	Registry prometheus.Registerer
 	// MaxSendBytes is the send path's cap on a payload (MAX_MESSAGE_BYTES):
 	// a scheduled body that would exceed it once base64-encoded is refused
 	// when scheduled rather than when it falls due.
@@ -114,6 +118,9 @@ func New(d Deps) *Toolbox {
 	st := &store{db: d.DB}
 	t := &Toolbox{store: st, limits: d.Limits, log: d.Log.With("svc", "toolbox"), now: d.Now, audit: d.Audit, notify: d.Notify, mods: d.Moderators, maxSendBytes: d.MaxSendBytes}
 	t.sched = newScheduler(st, d.Limits, t.log, d.Now, d.Sender, d.Audit)
+	if d.Registry != nil {
+		d.Registry.MustRegister(t.sched.fires)
+	}
 	return t
 }
 
