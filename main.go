@@ -247,6 +247,7 @@ func (b *broker) startJobs(ctx context.Context) {
 		}
 		return err
 	})
+	b.every(ctx, "toolbox purge", cfg.Toolbox.PurgeInterval, b.toolbox.Purge)
 	b.every(ctx, "rate limit gc", cfg.RateLimitGCInterval, func(context.Context) error { b.status.GCBuckets(); b.messaging.GCBuckets(); return nil })
 	// With the collector off (GOGC=off) the broker would always look quiet
 	// and every trim would force the collection the operator turned off.

@@ -759,3 +759,47 @@ func TestFireAndForgetBeforeClose(t *testing.T) {
 	oneShot(map[string]any{"type": "forget", "memoryId": mem})
 	waitFor(t, 10*time.Second, "the forget", func() bool { return b.count("memory", "id = ? AND forgotten_at IS NOT NULL", mem) == 1 })
 }
+
+// Forgotten memories and finished schedules are deleted after PurgeAfter;
+// live ones stay and stay searchable.
+func TestToolboxPurge(t *testing.T) {
+	b := startTestBroker(t, fastScheduler)
+	f := b.fixture()
+	alice, bob := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{})
+	keep := call(t, alice, map[string]any{"type": "remember", "content": "kept forever"})["id"].(string)
+	gone := call(t, alice, map[string]any{"type": "remember", "content": "forgotten soon"})["id"].(string)
+	call(t, alice, map[string]any{"type": "forget", "memoryId": gone})
+	fired := call(t, alice, map[string]any{"type": "schedule", "to": f.b.Pubkey(), "message": "once", "deliverAt": b.now().UnixMilli()})["scheduledId"].(string)
+	nextMessage(t, bob)
+	cancelled := call(t, alice, map[string]any{"type": "schedule", "to": f.b.Pubkey(), "message": "no", "deliverAt": b.now().Add(time.Hour).UnixMilli()})["scheduledId"].(string)
+	call(t, alice, map[string]any{"type": "cancel_scheduled", "scheduledId": cancelled})
+	pending := call(t, alice, map[string]any{"type": "schedule", "to": f.b.Pubkey(), "message": "weekly", "cron": "0 9 * * 1", "deliverAt": 0})["scheduledId"].(string)
+	waitFor(t, 5*time.Second, "the fire", func() bool { return b.count("scheduled_message", "id = ? AND fired_at IS NOT NULL", fired) == 1 })
+
+	if err := b.toolbox.Purge(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if n := b.count("memory", "mesh_id = ?", f.meshID); n != 2 {
+		t.Fatalf("a purge before PurgeAfter deleted memories: %d left", n)
+	}
+	b.advance(b.cfg.Toolbox.PurgeAfter + time.Hour)
+	if err := b.toolbox.Purge(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if b.count("memory", "id = ?", gone) != 0 || b.count("memory", "id = ?", keep) != 1 {
+		t.Fatal("purge: wrong memories deleted")
+	}
+	if b.count("scheduled_message", "id IN (?, ?)", fired, cancelled) != 0 || b.count("scheduled_message", "id = ?", pending) != 1 {
+		t.Fatal("purge: wrong schedules deleted")
+	}
+	if got := list(call(t, bob, map[string]any{"type": "recall", "query": "kept"}), "memories"); len(got) != 1 || got[0]["id"] != keep {
+		t.Fatalf("recall after the purge: %v", got)
+	}
+	if !b.db.IsPostgres() {
+		var n int64
+		b.query(&n, `SELECT count(*) FROM memory_fts WHERE memory_id = ?`, gone)
+		if n != 0 {
+			t.Fatal("the purged memory's index row is left")
+		}
+	}
+}

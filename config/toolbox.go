@@ -26,6 +26,12 @@ type Toolbox struct {
 	SchedulePoll      time.Duration // default 15 s: the scheduler re-reads due rows at least this often (other brokers' schedules)
 	ScheduleLate      time.Duration // default 30 s: a fire this far past its time is flagged late
 	ScheduleFireBatch int           // default 256: due rows fired per round
+
+	// Forgotten memories and fired or cancelled one-shot schedules are kept
+	// (as in the reference) for PurgeAfter, then deleted, so that cycles of
+	// remember/forget or schedule/cancel cannot grow the tables without bound.
+	PurgeAfter    time.Duration // default 7 days
+	PurgeInterval time.Duration // default 1 h
 }
 
 // DefaultToolbox returns the toolbox defaults.
@@ -44,6 +50,8 @@ func DefaultToolbox() Toolbox {
 		SchedulePoll:          15 * time.Second,
 		ScheduleLate:          30 * time.Second,
 		ScheduleFireBatch:     256,
+		PurgeAfter:            7 * 24 * time.Hour,
+		PurgeInterval:         time.Hour,
 	}
 }
 

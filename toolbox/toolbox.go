@@ -167,6 +167,30 @@ func (t *Toolbox) Counts(ctx context.Context, meshID string) (memories int64, ta
 	return memories, tasks, nil
 }
 
+// Purge deletes memories forgotten and one-shot schedules fired more than
+// PurgeAfter ago, and cancelled schedules created that long ago (on SQLite with their recall index rows).
+func (t *Toolbox) Purge(ctx context.Context) error {
+	s := t.store
+	cutoff := t.now().Add(-t.limits.PurgeAfter).UTC()
+	if !s.pg() {
+		if _, err := s.exec(ctx, `DELETE FROM memory_fts WHERE memory_id IN (SELECT id FROM memory WHERE forgotten_at < ?)`, cutoff); err != nil {
+			return err
+		}
+	}
+	memories, err := s.exec(ctx, `DELETE FROM `+s.table("memory")+` WHERE forgotten_at < ?`, cutoff)
+	if err != nil {
+		return err
+	}
+	schedules, err := s.exec(ctx, `DELETE FROM `+s.table("scheduled_message")+` WHERE (cron IS NULL AND fired_at < ?) OR (cancelled = true AND created_at < ?)`, cutoff, cutoff)
+	if err != nil {
+		return err
+	}
+	if memories+schedules > 0 {
+		t.log.Info("purged old toolbox rows", "forgotten_memories", memories, "finished_schedules", schedules)
+	}
+	return nil
+}
+
 // iso renders a stored time as the reference's toISOString.
 func iso(t time.Time) string { return protocol.ISO(t) }
 
