@@ -42,7 +42,7 @@ func toolboxFrame[T any](call func(ctx context.Context, w *wsConn, h protocol.He
 	}
 }
 
-func str(p *string) string {
+func orEmpty(p *string) string {
 	if p == nil {
 		return ""
 	}
@@ -60,7 +60,7 @@ var handleRemember = toolboxFrame(func(ctx context.Context, w *wsConn, h protoco
 // handleRecall answers in both shapes the CLI awaits: memory_results (its
 // cold path, and the reference), then memory_recall_result (its daemon).
 var handleRecall = toolboxFrame(func(ctx context.Context, w *wsConn, h protocol.Head, f *protocol.Recall) (any, error) {
-	mems, err := w.srv.svc.Toolbox.Recall(ctx, w.caller(), str(f.Query))
+	mems, err := w.srv.svc.Toolbox.Recall(ctx, w.caller(), orEmpty(f.Query))
 	if err != nil {
 		return nil, err
 	}
@@ -142,7 +142,7 @@ var handleShareContext = toolboxFrame(func(ctx context.Context, w *wsConn, h pro
 })
 
 var handleGetContext = toolboxFrame(func(ctx context.Context, w *wsConn, h protocol.Head, f *protocol.GetContext) (any, error) {
-	list, err := w.srv.svc.Toolbox.GetContext(ctx, w.caller(), str(f.Query))
+	list, err := w.srv.svc.Toolbox.GetContext(ctx, w.caller(), orEmpty(f.Query))
 	if err != nil {
 		return nil, err
 	}
@@ -174,7 +174,7 @@ var handleGetSkill = toolboxFrame(func(ctx context.Context, w *wsConn, h protoco
 })
 
 var handleListSkills = toolboxFrame(func(ctx context.Context, w *wsConn, h protocol.Head, f *protocol.ListSkills) (any, error) {
-	list, err := w.srv.svc.Toolbox.ListSkills(ctx, w.caller(), str(f.Query))
+	list, err := w.srv.svc.Toolbox.ListSkills(ctx, w.caller(), orEmpty(f.Query))
 	if err != nil {
 		return nil, err
 	}
@@ -190,7 +190,7 @@ var handleRemoveSkill = toolboxFrame(func(ctx context.Context, w *wsConn, h prot
 	if removed {
 		action = "removed"
 	}
-	return protocol.SkillAck{Type: "skill_ack", Name: str(f.Name), Action: action, ReqID: h.ReqID}, nil
+	return protocol.SkillAck{Type: "skill_ack", Name: orEmpty(f.Name), Action: action, ReqID: h.ReqID}, nil
 })
 
 var handleVaultSet = toolboxFrame(func(ctx context.Context, w *wsConn, h protocol.Head, f *protocol.VaultSet) (any, error) {
@@ -218,7 +218,7 @@ var handleVaultGet = toolboxFrame(func(ctx context.Context, w *wsConn, h protoco
 })
 
 var handleVaultDelete = toolboxFrame(func(ctx context.Context, w *wsConn, h protocol.Head, f *protocol.VaultKey) (any, error) {
-	ok, err := w.srv.svc.Toolbox.VaultDelete(ctx, w.caller(), str(f.Key))
+	ok, err := w.srv.svc.Toolbox.VaultDelete(ctx, w.caller(), orEmpty(f.Key))
 	if err != nil {
 		return nil, err
 	}
@@ -226,5 +226,5 @@ var handleVaultDelete = toolboxFrame(func(ctx context.Context, w *wsConn, h prot
 	if ok {
 		action = "deleted"
 	}
-	return protocol.VaultAck{Type: "vault_ack", Key: str(f.Key), Action: action, ReqID: h.ReqID}, nil
+	return protocol.VaultAck{Type: "vault_ack", Key: orEmpty(f.Key), Action: action, ReqID: h.ReqID}, nil
 })
