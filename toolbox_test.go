@@ -541,14 +541,25 @@ func TestScheduleDelivers(t *testing.T) {
 		t.Fatalf("group body %q", body)
 	}
 
-	// To "self": the CLI sends its own session key; the reminder reaches
-	// the member even after that session is gone.
-	sess := client.NewSession()
-	cli := b.connect(f.b, client.Options{Session: &sess})
-	call(t, cli, map[string]any{"type": "schedule", "to": sess.Pubkey(), "message": "reminder: ship it", "deliverAt": soon(200 * time.Millisecond), "subtype": "reminder"})
+	// To "self" from a CLI command: a member hello labelled with a made-up
+	// session key, gone once the command exits; the reminder reaches the
+	// member's other connections.
+	label := client.NewSession().Pubkey()
+	cli := b.connect(f.b, client.Options{SessionPubkey: label})
+	call(t, cli, map[string]any{"type": "schedule", "to": label, "message": "reminder: ship it", "deliverAt": soon(200 * time.Millisecond), "subtype": "reminder"})
 	cli.Close()
 	if _, body := nextMessage(t, bob); body != "reminder: ship it" {
 		t.Fatalf("self reminder body %q", body)
+	}
+	// A launched session's own key means that session, and is kept.
+	sess := client.NewSession()
+	launched := b.connect(f.b, client.Options{Session: &sess})
+	call(t, launched, map[string]any{"type": "schedule", "to": sess.Pubkey(), "message": "for this session", "deliverAt": soon(200 * time.Millisecond)})
+	if p, body := nextMessage(t, launched); body != "for this session" || p.SenderPubkey != f.b.Pubkey() {
+		t.Fatalf("session reminder %+v %q", p, body)
+	}
+	if extra := collect(bob, 100*time.Millisecond, isMessage); len(extra) != 0 {
+		t.Fatalf("the member's other socket got the session's reminder too: %d", len(extra))
 	}
 
 	// Cancel.

@@ -15,7 +15,7 @@ import (
 func (w *wsConn) caller() toolbox.Caller {
 	c := w.presence
 	return toolbox.Caller{MeshID: c.MeshID, MemberID: c.MemberID, PresenceID: c.PresenceID, MemberPubkey: c.MemberPubkey,
-		SessionPubkey: c.SessionPubkey, DisplayName: w.srv.svc.Presence.DisplayName(c)}
+		SessionPubkey: c.SessionPubkey, SessionHello: c.Role == services.RoleSession, DisplayName: w.srv.svc.Presence.DisplayName(c)}
 }
 
 // toolboxErr turns a toolbox refusal into the error frame replyError sends.

@@ -65,9 +65,11 @@ func (t *Toolbox) Schedule(ctx context.Context, c Caller, f *protocol.Schedule) 
 	if strings.HasPrefix(to, "#") {
 		return ack, invalid("scheduled messages go to a peer, a @group, * or yourself, not to a topic")
 	}
-	// "Self" from the CLI is its own session key, which is gone once the
-	// command exits; the member key reaches every session of the member.
-	if c.SessionPubkey != "" && to == c.SessionPubkey {
+	// "Self" from a CLI command is the label of its own connection, which
+	// is gone once the command exits; the member key reaches the member's
+	// daemon and sessions. A launched session's own key is kept: it means
+	// that session.
+	if !c.SessionHello && c.SessionPubkey != "" && to == c.SessionPubkey {
 		to = c.MemberPubkey
 	}
 	message, err := required("message", f.Message, t.limits.MaxItemBytes)

@@ -41,8 +41,12 @@ type Caller struct {
 	MemberID      string
 	PresenceID    string
 	MemberPubkey  string
-	SessionPubkey string // "" for a member hello
-	DisplayName   string
+	SessionPubkey string // the hello's session key or label; "" when none
+	// SessionHello is true for a session_hello (a launched session's own
+	// attested key), false for a member hello, whose sessionPubkey is only a
+	// label (the CLI's short-lived connections make one up per command).
+	SessionHello bool
+	DisplayName  string
 }
 
 // Error is a refusal the edge turns into an error frame with Code.
