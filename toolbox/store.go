@@ -3,7 +3,6 @@ package toolbox
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"strings"
 
@@ -132,6 +131,3 @@ func (s *store) jsonOut(col, alias string) string {
 	}
 	return col + ` AS ` + alias
 }
-
-// errSkip aborts a transaction without it being a failure.
-var errSkip = errors.New("skip")
