@@ -56,6 +56,9 @@ type MessagingService struct {
 
 	drains sync.WaitGroup      // running drain goroutines
 	topics *ttlCache[[]string] // member id -> its `#topic` targets, for drains; guards itself
+	// member id -> row, for scheduled sends (a burst of one member's due
+	// schedules reads it once); guards itself
+	schedSenders *ttlCache[*MemberRow]
 
 	mu         sync.Mutex
 	stopped    bool      // set by Stop: no new drains
@@ -114,6 +117,7 @@ func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, 
 		limiter:    NewTokenBuckets(cfg.SendRateBurst, cfg.SendRatePerMin, now),
 		deliveries: map[string]*delivery{}, accepting: map[string]*acceptWait{},
 		multicast: newRecentIDs(1 << 16), topics: newTTLCache[[]string](cfg.MemberCacheTTL, 100_000),
+		schedSenders: newTTLCache[*MemberRow](cfg.MemberCacheTTL, 10_000),
 	}
 	presence.OnAttach(m.attached)
 	presence.OnDetach(m.detached)
