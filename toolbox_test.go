@@ -14,6 +14,7 @@ import (
 	"github.com/claudemesh/meshbroker/client"
 	"github.com/claudemesh/meshbroker/config"
 	"github.com/claudemesh/meshbroker/protocol"
+	"github.com/claudemesh/meshbroker/services"
 )
 
 // End-to-end tests of the shared toolbox: each frame over a real socket,
@@ -812,5 +813,25 @@ func TestToolboxPurge(t *testing.T) {
 		if n != 0 {
 			t.Fatal("the purged memory's index row is left")
 		}
+	}
+}
+
+// A schedule whose creator was revoked does not fire and is cancelled.
+func TestScheduleOfRevokedMember(t *testing.T) {
+	b := startTestBroker(t, fastScheduler)
+	f := b.fixture()
+	bob, carol := b.connect(f.b, client.Options{}), b.connect(f.c, client.Options{})
+	id := call(t, carol, map[string]any{"type": "schedule", "to": f.b.Pubkey(), "message": "from a leaver", "deliverAt": b.now().Add(time.Hour).UnixMilli()})["scheduledId"].(string)
+	if _, err := services.NewProvisionService(b.db, time.Now).RevokeMember(ctxT(t), f.meshID, f.c.MemberID); err != nil {
+		t.Fatal(err)
+	}
+	b.exec(`UPDATE `+b.db.Table("scheduled_message")+` SET deliver_at = ? WHERE id = ?`, b.now().UTC(), id)
+	b.toolbox.Scheduler().Poke()
+	waitFor(t, 10*time.Second, "the cancel", func() bool { return b.count("scheduled_message", "id = ? AND cancelled = true", id) == 1 })
+	if got := collect(bob, 200*time.Millisecond, isMessage); len(got) != 0 {
+		t.Fatalf("a revoked member's schedule was delivered: %d", len(got))
+	}
+	if n := b.count("message_queue", "sender_member_id = ?", f.c.MemberID); n != 0 {
+		t.Fatalf("%d queue rows from the revoked member", n)
 	}
 }
