@@ -26,6 +26,7 @@ import (
 	"github.com/claudemesh/meshbroker/models"
 	"github.com/claudemesh/meshbroker/protocol"
 	"github.com/claudemesh/meshbroker/services"
+	"github.com/claudemesh/meshbroker/toolbox"
 )
 
 func main() {
@@ -102,6 +103,7 @@ type broker struct {
 	audit     *services.AuditService
 	health    *services.HealthService
 	realtime  *services.Realtime
+	toolbox   *toolbox.Toolbox
 	server    *handlers.Server
 	ln        net.Listener
 
@@ -157,11 +159,12 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB, now func()
 	b.queue = services.NewQueueService(cfg, db, logger, b.metrics, now)
 	b.messaging = services.NewMessagingService(cfg, logger, b.metrics, now, b.presence, b.queue, b.status, members, b.audit)
 	b.realtime = services.NewRealtime(cfg, db, logger, b.metrics, now, b.presence, b.audit)
+	b.toolbox = newToolbox(cfg, logger, db, now, b, members)
 	b.server = handlers.New(cfg, logger, handlers.Services{
-		Presence: b.presence, Messaging: b.messaging, Status: b.status, Health: b.health, Audit: b.audit, Realtime: b.realtime, Metrics: b.metrics,
+		Presence: b.presence, Messaging: b.messaging, Status: b.status, Health: b.health, Audit: b.audit, Realtime: b.realtime, Toolbox: b.toolbox, Metrics: b.metrics,
 		Invites:   services.NewInviteService(db, now, members),
 		MemberAPI: services.NewMemberAPI(db, b.presence, members, now, cfg.HelloSkew, cfg.MemberAPISessionAuth),
-		MeshVerbs: services.NewMeshVerbs(db, b.presence, now, services.MeshInfoCounters{}),
+		MeshVerbs: services.NewMeshVerbs(db, b.presence, now, toolboxCounters(b.toolbox)),
 		Ready: func(ctx context.Context) error {
 			if cfg.ExpectedSchema != "" {
 				ok, err := db.HasSchemaVersion(ctx, cfg.ExpectedSchema)
@@ -183,6 +186,7 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB, now func()
 	b.ln = ln
 	b.audit.Start()
 	b.queue.Start()
+	b.toolbox.Start()
 	b.health.Check(context.Background())
 	jobsCtx, cancel := context.WithCancel(context.Background())
 	b.stopJobs = cancel
@@ -246,6 +250,7 @@ func (b *broker) startJobs(ctx context.Context) {
 		}
 		return err
 	})
+	b.every(ctx, "toolbox purge", cfg.Toolbox.PurgeInterval, b.toolbox.Purge)
 	b.every(ctx, "rate limit gc", cfg.RateLimitGCInterval, func(context.Context) error { b.status.GCBuckets(); b.messaging.GCBuckets(); return nil })
 	// With the collector off (GOGC=off) the broker would always look quiet
 	// and every trim would force the collection the operator turned off.
@@ -283,6 +288,7 @@ func (b *broker) close(ctx context.Context) error {
 		errs = append(errs, fmt.Errorf("serve: %w", err))
 	}
 	b.jobs.Wait()
+	b.toolbox.Stop()
 	b.realtime.Close()
 	b.messaging.Stop()
 	b.presence.Wait()

@@ -322,3 +322,29 @@ func TestMemberRoutesClientIPHeader(t *testing.T) {
 		}
 	}
 }
+
+// mesh_info counts the toolbox's memories and tasks once they exist: a
+// forgotten memory is not counted, tasks are counted by status.
+func TestMeshInfoCountsToolbox(t *testing.T) {
+	b := startTestBroker(t)
+	f := b.fixture()
+	alice := b.connect(f.a, client.Options{})
+	kept := call(t, alice, map[string]any{"type": "remember", "content": "the build cache lives on the second volume"})
+	gone := call(t, alice, map[string]any{"type": "remember", "content": "a note about to be forgotten"})
+	call(t, alice, map[string]any{"type": "forget", "memoryId": gone["id"]})
+	if kept["id"] == "" {
+		t.Fatalf("remember: %v", kept)
+	}
+	created := call(t, alice, map[string]any{"type": "create_task", "title": "rotate the keys"})
+	call(t, alice, map[string]any{"type": "create_task", "title": "write the runbook"})
+	call(t, alice, map[string]any{"type": "claim_task", "taskId": created["id"]})
+
+	fr := request(t, alice, map[string]any{"type": "mesh_info"})
+	var info protocol.MeshInfoResult
+	if err := fr.Decode(&info); err != nil {
+		t.Fatal(err)
+	}
+	if info.MemoryCount != 1 || info.Tasks != (protocol.TaskCounts{Open: 1, Claimed: 1}) {
+		t.Fatalf("mesh_info counts: %s", fr.Raw)
+	}
+}

@@ -81,6 +81,9 @@ type Config struct {
 	// Member HTTP routes.
 	MemberAPISessionAuth bool   // MEMBER_API_SESSION_AUTH, default true: unsigned member-route calls count if a live session of the member comes from the caller's address
 	ClientIPHeader       string // CLIENT_IP_HEADER: header a trusted proxy sets to the client address (Fly-Client-IP); empty: the TCP peer
+
+	// Shared toolbox limits (TOOLBOX_*).
+	Toolbox Toolbox
 }
 
 // Default returns the reference defaults.
@@ -129,6 +132,7 @@ func Default() Config {
 		ShutdownTimeout:  10 * time.Second,
 		GitSHA:           "",
 		LogLevel:         slog.LevelInfo,
+		Toolbox:          DefaultToolbox(),
 	}
 }
 
@@ -329,7 +333,7 @@ var vars = []envVar{
 // value stops loading with an error naming the variable and what it accepts.
 func Load(getenv func(string) string) (Config, error) {
 	c := Default()
-	for _, v := range vars {
+	for _, v := range allVars() {
 		raw := strings.TrimSpace(getenv(v.name))
 		if raw == "" {
 			continue
@@ -346,7 +350,7 @@ func Usage() string {
 	var b strings.Builder
 	d := Default()
 	b.WriteString("Environment variables (default in brackets):\n")
-	for _, v := range vars {
+	for _, v := range allVars() {
 		def := v.def(d)
 		if def == "" {
 			def = "unset"

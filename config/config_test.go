@@ -95,3 +95,24 @@ func TestUsageListsEveryVariable(t *testing.T) {
 		t.Errorf("--help does not show defaults:\n%s", u)
 	}
 }
+
+func TestToolboxLimits(t *testing.T) {
+	c, err := Load(env(map[string]string{"TOOLBOX_MAX_MEMORIES": "50", "TOOLBOX_MAX_ITEM_BYTES": "1024"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Toolbox.MaxMemories != 50 || c.Toolbox.MaxItemBytes != 1024 || c.Toolbox.MaxTasks != DefaultToolbox().MaxTasks {
+		t.Fatalf("toolbox limits not applied: %+v", c.Toolbox)
+	}
+	for _, bad := range []struct{ name, value string }{
+		{"TOOLBOX_MAX_MEMORIES", "0"}, {"TOOLBOX_MAX_MEMORIES", "2000000"}, {"TOOLBOX_MAX_ITEM_BYTES", "10"},
+		{"TOOLBOX_MAX_SCHEDULES_PER_MEMBER", "x"}, {"TOOLBOX_MAX_VAULT_ENTRIES", "-3"},
+	} {
+		if _, err := Load(env(map[string]string{bad.name: bad.value})); err == nil || !strings.Contains(err.Error(), bad.name) {
+			t.Errorf("%s=%s: err %v, want a refusal naming it", bad.name, bad.value, err)
+		}
+	}
+	if !strings.Contains(Usage(), "TOOLBOX_MAX_SCHEDULES_PER_MEMBER") {
+		t.Error("--help does not list the toolbox variables")
+	}
+}

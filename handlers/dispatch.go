@@ -52,6 +52,29 @@ var handlers = map[string]frameHandler{
 	"topic_members":   handleTopicMembers,
 	"topic_history":   handleTopicHistory,
 	"topic_mark_read": handleTopicMarkRead,
+
+	// The shared toolbox (handlers/toolbox.go).
+	"remember":         handleRemember,
+	"recall":           handleRecall,
+	"forget":           handleForget,
+	"create_task":      handleCreateTask,
+	"claim_task":       handleClaimTask,
+	"complete_task":    handleCompleteTask,
+	"list_tasks":       handleListTasks,
+	"schedule":         handleSchedule,
+	"list_scheduled":   handleListScheduled,
+	"cancel_scheduled": handleCancelScheduled,
+	"share_context":    handleShareContext,
+	"get_context":      handleGetContext,
+	"list_contexts":    handleListContexts,
+	"share_skill":      handleShareSkill,
+	"get_skill":        handleGetSkill,
+	"list_skills":      handleListSkills,
+	"remove_skill":     handleRemoveSkill,
+	"vault_set":        handleVaultSet,
+	"vault_get":        handleVaultGet,
+	"vault_list":       handleVaultList,
+	"vault_delete":     handleVaultDelete,
 }
 
 // dispatch decodes one inbound frame and answers it. It never panics on a

@@ -21,6 +21,7 @@ import (
 	"github.com/claudemesh/meshbroker/config"
 	"github.com/claudemesh/meshbroker/protocol"
 	"github.com/claudemesh/meshbroker/services"
+	"github.com/claudemesh/meshbroker/toolbox"
 )
 
 // Version is the broker version /health reports, as the reference does.
@@ -34,6 +35,7 @@ type Services struct {
 	Health    *services.HealthService
 	Audit     AuditReader
 	Realtime  *services.Realtime
+	Toolbox   *toolbox.Toolbox
 	Metrics   *services.Metrics
 	Invites   *services.InviteService // POST /join, POST /invites/:code/claim
 	MemberAPI *services.MemberAPI     // the member HTTP routes

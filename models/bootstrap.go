@@ -20,12 +20,12 @@ const bootstrapLockKey int64 = 0x6d65736862726b72
 // allModels lists every model; Bootstrap checks that the database has each of
 // their columns.
 func allModels() []any {
-	return []any{
+	return append([]any{
 		&Mesh{}, &Member{}, &Presence{}, &PendingStatus{}, &MessageQueue{},
 		&AuditLog{}, &PeerState{}, &State{}, &Stream{}, &Service{},
 		&Topic{}, &TopicMember{}, &TopicMessage{}, &TopicMemberKey{}, &Notification{},
 		&Invite{},
-	}
+	}, toolboxModels()...)
 }
 
 // ColumnRef names one column of one table (unqualified table name).

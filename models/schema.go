@@ -305,7 +305,7 @@ const pgMeshbrokerKV = `CREATE TABLE IF NOT EXISTS mesh.meshbroker_kv (
 
 // postgresTables is in creation order: every table after the ones it references.
 func postgresTables() []tableDDL {
-	return []tableDDL{
+	return append([]tableDDL{
 		{"mesh", pgMesh, nil},
 		{"member", pgMember, []string{
 			`CREATE INDEX IF NOT EXISTS member_dashboard_user_idx ON mesh.member (dashboard_user_id)`,
@@ -369,7 +369,7 @@ func postgresTables() []tableDDL {
 		{"invite", pgInvite, pgInviteIndexes},
 		{"meshbroker_schema", pgMeshbrokerSchema, nil},
 		{"meshbroker_kv", pgMeshbrokerKV, nil},
-	}
+	}, toolboxPostgresTables()...)
 }
 
 // SQLite DDL: the same tables, columns, defaults, keys and indexes, with
@@ -692,6 +692,7 @@ func sqliteTables() []tableDDL {
 		{"meshbroker_schema", sqliteMeshbrokerSchema, nil},
 		{"meshbroker_kv", sqliteMeshbrokerKV, nil},
 	}
+	tables = append(tables, toolboxSQLiteTables()...)
 	for i := range tables {
 		tables[i].create = expandSQLite(tables[i].create)
 	}

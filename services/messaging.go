@@ -9,6 +9,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"gorm.io/gorm"
+
 	"github.com/claudemesh/meshbroker/config"
 	"github.com/claudemesh/meshbroker/models"
 	"github.com/claudemesh/meshbroker/protocol"
@@ -54,6 +56,9 @@ type MessagingService struct {
 
 	drains sync.WaitGroup      // running drain goroutines
 	topics *ttlCache[[]string] // member id -> its `#topic` targets, for drains; guards itself
+	// member id -> row, for scheduled sends (a burst of one member's due
+	// schedules reads it once); guards itself
+	schedSenders *ttlCache[*MemberRow]
 
 	mu         sync.Mutex
 	stopped    bool      // set by Stop: no new drains
@@ -112,6 +117,7 @@ func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, 
 		limiter:    NewTokenBuckets(cfg.SendRateBurst, cfg.SendRatePerMin, now),
 		deliveries: map[string]*delivery{}, accepting: map[string]*acceptWait{},
 		multicast: newRecentIDs(1 << 16), topics: newTTLCache[[]string](cfg.MemberCacheTTL, 100_000),
+		schedSenders: newTTLCache[*MemberRow](cfg.MemberCacheTTL, 10_000),
 	}
 	presence.OnAttach(m.attached)
 	presence.OnDetach(m.detached)
@@ -705,6 +711,9 @@ func (m *MessagingService) SendAsync(ctx context.Context, sender *Conn, req Send
 type sendState struct {
 	async   bool
 	pending *PendingSend
+	// A scheduled send (see SendScheduled): claim commits with the row.
+	claim     func(tx *gorm.DB) error
+	scheduled bool
 }
 
 func (m *MessagingService) send(ctx context.Context, st *sendState, sender *Conn, req SendRequest, reply func(protocol.Ack)) error {
@@ -722,7 +731,7 @@ func (m *MessagingService) send(ctx context.Context, st *sendState, sender *Conn
 		}
 		defer m.finishAccept(key)
 	}
-	if !m.limiter.Take(sender.MemberID) {
+	if !st.scheduled && !m.limiter.Take(sender.MemberID) {
 		m.metrics.MessagesRejected.WithLabelValues("rate_limit").Inc()
 		m.setAccepted(key, rejectAck(req.ID, errRateLimit))
 		reply(rejectAck(req.ID, errRateLimit))
@@ -829,6 +838,13 @@ func (m *MessagingService) store(ctx context.Context, st *sendState, sender *Con
 		reply(protocol.Ack{Type: "ack", ID: req.ID, MessageID: row.ID, Queued: true})
 		after()
 	}
+	if st.claim != nil {
+		if err := m.queue.InsertWithin(ctx, row, st.claim); err != nil {
+			return fmt.Errorf("scheduled send of %s: %w", protocol.Short(sender.MemberPubkey), err)
+		}
+		finish()
+		return nil
+	}
 	if st.async {
 		done, err := m.queue.InsertAsync(ctx, row)
 		if err != nil {
@@ -864,6 +880,9 @@ func (m *MessagingService) sendDirect(ctx context.Context, st *sendState, sender
 			row.TargetSpec = resolved
 			cands = m.directCandidates(sender, resolved)
 		}
+	}
+	if len(cands) == 0 && st.scheduled && protocol.IsHex(row.TargetSpec, 64) {
+		return m.queueForLater(ctx, st, sender, req, row, reply)
 	}
 	if len(cands) == 0 {
 		m.metrics.MessagesRejected.WithLabelValues("no_recipient").Inc()

@@ -209,6 +209,17 @@ func (q *QueueService) commit(batch []*insertReq) {
 	}
 }
 
+// InsertWithin commits row in one transaction with before, which runs
+// first; an error from before rolls back and is returned unchanged.
+func (q *QueueService) InsertWithin(ctx context.Context, row *QueueRow, before func(tx *gorm.DB) error) error {
+	return q.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+		if err := before(tx); err != nil {
+			return err
+		}
+		return q.insertWith(ctx, tx, row)
+	})
+}
+
 // insertWith inserts one row inside the caller's transaction (topic posts,
 // whose queue row and topic_message row commit together).
 func (q *QueueService) insertWith(ctx context.Context, tx *gorm.DB, row *QueueRow) error {
