@@ -69,10 +69,11 @@ type wsConn struct {
 	dispatchMu sync.Mutex
 
 	// Owned by the reader: serve's loop and the frame goroutine it waits for.
-	presence      *services.Conn
-	completions   chan completion // pipelined sends, to completeSends; made at the first send, closed by serve
-	completerDone chan struct{}   // closed when completeSends has finished
-	sendsPending  sync.WaitGroup  // pipelined sends not yet acked; Add by the reader, Done by completeSends
+	lastPongReport time.Time // when a pong was last reported to the presence
+	presence       *services.Conn
+	completions    chan completion // pipelined sends, to completeSends; made at the first send, closed by serve
+	completerDone  chan struct{}   // closed when completeSends has finished
+	sendsPending   sync.WaitGroup  // pipelined sends not yet acked; Add by the reader, Done by completeSends
 
 	// The outbound queue grows on demand up to cfg.OutboxFrames, so an idle
 	// socket holds no buffer. qmu guards it and the writer's run state.
@@ -535,7 +536,10 @@ func (w *wsConn) serve() {
 				w.srv.svc.Messaging.Confirmed(w.presence, w, ids)
 			}
 		}
-		if w.presence != nil {
+		// Confirmation pings make pongs frequent on a busy socket; the
+		// presence needs to hear of liveness about once a second, not each.
+		if now := time.Now(); w.presence != nil && now.Sub(w.lastPongReport) >= time.Second {
+			w.lastPongReport = now
 			w.srv.svc.Presence.Pong(w.presence)
 		}
 		select {
