@@ -198,8 +198,11 @@ const (
 // database and waits until every acked message was delivered and nothing
 // is left to push.
 func runSignalled(t *testing.T, st storage, sig syscall.Signal) faultload.Report {
+	began := time.Now()
+	phase := func(what string) { t.Logf("%6.1fs %s", time.Since(began).Seconds(), what) }
 	s := newScenario(t, st, senders, receivers, baseEnv())
 	b := s.start()
+	phase("broker ready")
 	load := faultload.NewLoad(b.URL(), s.mesh, ratePerSender, window)
 	rctx, stopReceivers := context.WithCancel(context.Background())
 	defer func() { stopReceivers(); load.WaitReceivers() }()
@@ -211,18 +214,22 @@ func runSignalled(t *testing.T, st storage, sig syscall.Signal) faultload.Report
 		t.Fatal(err)
 	}
 	waitUntil(t, 2*time.Minute, "acked sends before the fault", func() bool { return load.Acked() >= ackedBeforeFault })
+	phase(fmt.Sprintf("%d acked: %s", load.Acked(), sig))
 	if err := b.Signal(sig); err != nil {
 		t.Fatal(err)
 	}
 	err := b.Wait(ctxFor(t, time.Minute))
+	phase("broker exited")
 	if sig == syscall.SIGTERM && err != nil {
 		t.Errorf("SIGTERM: broker exited with %v", err)
 	}
 	load.WaitSenders() // every sender's socket ended with the broker
 	s.start()
+	phase("broker restarted")
 	if err := load.Settle(ctxFor(t, 2*time.Minute), s.db); err != nil {
 		t.Errorf("after restart: %v", err)
 	}
+	phase("settled")
 	committed, err := faultload.Committed(ctxFor(t, time.Minute), s.db, s.mesh.ID)
 	if err != nil {
 		t.Fatal(err)
