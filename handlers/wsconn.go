@@ -537,8 +537,9 @@ func (w *wsConn) serve() {
 			}
 		}
 		// Confirmation pings make pongs frequent on a busy socket; the
-		// presence needs to hear of liveness about once a second, not each.
-		if now := time.Now(); w.presence != nil && now.Sub(w.lastPongReport) >= time.Second {
+		// presence needs to hear of liveness about once per heartbeat (and
+		// at most once a second), not of each.
+		if now := time.Now(); w.presence != nil && now.Sub(w.lastPongReport) >= min(time.Second, w.srv.cfg.PingInterval/2) {
 			w.lastPongReport = now
 			w.srv.svc.Presence.Pong(w.presence)
 		}

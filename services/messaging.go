@@ -332,7 +332,18 @@ func (m *MessagingService) drain(d *delivery) {
 			return
 		}
 		if len(rows) > 0 && !m.pushClaimed(ctx, d, view.Out, rows) {
-			stopDraining() // the socket is going: its close settles the rest
+			// The socket is going: its close settles what it was given, and
+			// the rest went back to the queue. A trigger that came meanwhile
+			// (a reattach on a new socket) must still drain, or the rows
+			// just released would wait for the next trigger.
+			d.mu.Lock()
+			if d.dirty {
+				d.dirty = false
+				d.mu.Unlock()
+				continue
+			}
+			d.draining = false
+			d.mu.Unlock()
 			return
 		}
 		if len(rows) == claimBatch {
