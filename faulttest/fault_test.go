@@ -183,14 +183,16 @@ func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
 
 // Load shape: 10 pipelined senders (8 sends in flight each), 10 non-acking
 // receivers that answer pings, 100 sends/s per sender, the fault once
-// 3,000 sends were acked (about 3 s). Duplicates after a crash come from
-// the last confirmation interval only, a fixed slice of time, so the bound
-// is a percentage of what was acked.
+// 6,000 sends were acked (about 6 s, as in issue 13). Duplicates after a
+// crash come from the last confirmation interval only (PUSH_CONFIRM_MS,
+// the pong, DELIVERED_FLUSH_MS, the commit: about 80 ms measured here), a
+// slice of time, so they are bounded as a percentage of what was acked; at
+// 5 % of 6 s that slice may stretch to 300 ms on a slow machine.
 const (
 	senders, receivers = 10, 10
 	ratePerSender      = 100
 	window             = 8
-	ackedBeforeFault   = 3000
+	ackedBeforeFault   = 6000
 	killDuplicateBound = 5.0 // percent of acked (issue 13 item 3)
 )
 

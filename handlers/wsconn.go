@@ -91,9 +91,12 @@ type wsConn struct {
 	spare    []protocol.Frame
 
 	// wmu guards written: the writer appends, the reader's pong handler
-	// takes what a pong confirmed.
-	wmu     sync.Mutex
-	written []writtenPush // queue pushes written but not yet confirmed by a pong
+	// takes what a pong confirmed. confirmMu (taken first) spans taking
+	// and handing the confirmed ids to messaging, so settled never sees a
+	// push gone from written whose delivered mark is not queued yet.
+	confirmMu sync.Mutex
+	wmu       sync.Mutex
+	written   []writtenPush // queue pushes written but not yet confirmed by a pong
 }
 
 // writtenPush is a queue push the writer handed to the socket. It counts as
@@ -532,9 +535,11 @@ func (w *wsConn) serve() {
 			w.confirmed.Store(seq) // only this goroutine stores
 			// The peer read the stream up to seq: the pushes before it are
 			// proven delivered (M3).
+			w.confirmMu.Lock()
 			if ids := w.takeConfirmed(seq); len(ids) > 0 {
 				w.srv.svc.Messaging.Confirmed(w.presence, w, ids)
 			}
+			w.confirmMu.Unlock()
 		}
 		// Confirmation pings make pongs frequent on a busy socket; the
 		// presence needs to hear of liveness about once per heartbeat (and
@@ -640,7 +645,12 @@ func (w *wsConn) settled() bool {
 	w.qmu.Lock()
 	idle := len(w.queue) == 0 && !w.writing
 	w.qmu.Unlock()
-	return idle && w.unconfirmed() == 0
+	if !idle {
+		return false
+	}
+	w.confirmMu.Lock()
+	defer w.confirmMu.Unlock()
+	return w.unconfirmed() == 0
 }
 
 // confirmWritten is shutdown's wait for proof of delivery on this socket:
