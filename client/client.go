@@ -405,6 +405,20 @@ func (c *Client) await(ctx context.Context, key string, frame any) (Frame, error
 			return Frame{}, fmt.Errorf("connection closed: %w", c.Err())
 		}
 		return f, nil
+	case <-c.done:
+		// The reader had already ended (and dropped the waiters) when this
+		// one registered. A reply it delivered before ending is in ch.
+		select {
+		case f, ok := <-ch:
+			if ok {
+				return f, nil
+			}
+		default:
+			c.mu.Lock()
+			delete(c.pending, key)
+			c.mu.Unlock()
+		}
+		return Frame{}, fmt.Errorf("connection closed: %w", c.Err())
 	case <-ctx.Done():
 		c.mu.Lock()
 		delete(c.pending, key)
