@@ -303,34 +303,47 @@ func TestGoClientMemberKeyReachesOneSession(t *testing.T) {
 }
 
 // With ManualAck, Receive does not ack: the row stays undelivered until
-// Ack.
+// Ack. A connection that has never acked has its pushes marked delivered
+// by the pong that confirms them (M3), so bob acks a first message by hand
+// to become a connection that acks; only then does an unacked row show.
 func TestGoClientManualAck(t *testing.T) {
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
 	bob := b.connect(f.b, client.Options{ManualAck: true})
-	ack, err := alice.SendDirect(ctxT(t), pub(f.b.Key), client.PriorityNow, []byte("ack me"))
-	if err != nil {
+	send := func(text string) (string, client.Message) {
+		t.Helper()
+		ack, err := alice.SendDirect(ctxT(t), pub(f.b.Key), client.PriorityNow, []byte(text))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := recvT(t, bob)
+		if string(m.Plaintext) != text {
+			t.Fatalf("%+v", m)
+		}
+		return ack.MessageID, m
+	}
+	firstID, first := send("first")
+	if err := bob.Ack(first); err != nil {
 		t.Fatal(err)
 	}
-	m := recvT(t, bob)
-	if string(m.Plaintext) != "ack me" {
-		t.Fatalf("%+v", m)
-	}
+	waitFor(t, 5*time.Second, "Ack marks the first row delivered", func() bool { return b.row(firstID).DeliveredAt != nil })
+
+	id, m := send("ack me")
 	// A round trip on bob's socket after the push, then a while: an auto
 	// ack would have been processed and its mark committed.
 	if _, err := bob.ListPeers(ctxT(t)); err != nil {
 		t.Fatal(err)
 	}
 	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-		if b.row(ack.MessageID).DeliveredAt != nil {
+		if b.row(id).DeliveredAt != nil {
 			t.Fatal("ManualAck client acked on its own")
 		}
 	}
 	if err := bob.Ack(m); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "Ack marks the row delivered", func() bool { return b.row(ack.MessageID).DeliveredAt != nil })
+	waitFor(t, 5*time.Second, "Ack marks the row delivered", func() bool { return b.row(id).DeliveredAt != nil })
 }
 
 // A refused send is an error the caller can inspect, and the ack still

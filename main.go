@@ -265,28 +265,54 @@ func (b *broker) startJobs(ctx context.Context) {
 	}
 }
 
-// Close is the graceful shutdown of 03 §9.5 with S2: mark this process's
-// presence rows disconnected, close every socket with 1001, wait for the
-// socket goroutines and background jobs, flush the queue and audit
-// writers, close storage.
+// Close is the graceful shutdown of 03 §9.5 with S2; see close for the
+// order of its steps.
 func (b *broker) Close(ctx context.Context) error {
 	b.closeOnce.Do(func() { b.closeErr = b.close(ctx) })
 	return b.closeErr
 }
 
+// close shuts down in an order that answers every accepted send and
+// confirms every written push before a socket closes (S2, M3), so a client
+// that answers pings sees no duplicate and no send of its is committed
+// without its ack:
+//
+//  1. stop the listener and the background jobs (no new sockets, no sweeps);
+//  2. every socket stops handling new frames and finishes the sends it
+//     accepted: their rows commit and their acks are queued;
+//  3. no new drains; the running ones finish their pushes;
+//  4. every socket writes what is queued, pings, and waits up to
+//     ShutdownConfirm for the pong confirming its written pushes;
+//  5. the delivered marks those pongs produced are committed;
+//  6. presence rows are settled and every socket is closed with 1001;
+//  7. what is still in flight is released for the next broker, the writers
+//     flush, storage closes.
 func (b *broker) close(ctx context.Context) error {
 	var errs []error
+	// 1.
+	_ = b.server.StopAccepting(ctx) // its error is Shutdown's too, reported there
 	b.stopJobs()
+	// 2.
+	b.server.StopReading(ctx)
+	// 3.
 	b.messaging.StopDrains()
+	// 4.
+	b.server.ConfirmPushes(ctx, b.cfg.ShutdownConfirm)
+	// 5.
+	if err := b.queue.FlushMarks(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("persist delivered marks: %w", err))
+	}
+	// 6.
 	if err := b.presence.Shutdown(ctx); err != nil {
 		errs = append(errs, err)
 	}
 	if err := b.server.Shutdown(ctx); err != nil {
-		errs = append(errs, fmt.Errorf("http shutdown: %w", err))
+		errs = append(errs, fmt.Errorf("close sockets: %w", err))
 	}
 	if err := <-b.served; err != nil {
 		errs = append(errs, fmt.Errorf("serve: %w", err))
 	}
+	// 7.
 	b.jobs.Wait()
 	b.toolbox.Stop()
 	b.realtime.Close()

@@ -76,6 +76,10 @@ func (b *testBroker) countRows(meshID string) int64 {
 func TestDirectMessageLifecycle(t *testing.T) {
 	b := startTestBroker(t)
 	m := b.msgFixture()
+	// b1 acks, so its rows wait for client_ack instead of being closed by
+	// the pong that confirms the push (M3).
+	_ = m.b1.ClientAck("", "warm-up")
+	_, _ = m.b1.ListPeers(ctxT(t))
 	n, c := sealTo(t, m.sa1.Key, pub(m.sb1.Key), "hello b1")
 	ack, err := m.a1.Send(ctxT(t), client.SendRequest{ID: "x1", TargetSpec: m.sb1.Pubkey(), Priority: "now", Nonce: n, Ciphertext: c})
 	if err != nil || ack.ID != "x1" || !ack.Queued || len(ack.MessageID) != 32 || ack.Error != "" {

@@ -394,6 +394,19 @@ func (c *Client) await(ctx context.Context, key string, frame any) (Frame, error
 			return Frame{}, w.err
 		}
 		return f, nil
+	case <-c.done:
+		// The reader had already ended (and dropped the waiters) when this
+		// one registered. A reply it delivered before ending is in w.ch.
+		select {
+		case f, ok := <-w.ch:
+			if ok {
+				return f, nil
+			}
+			return Frame{}, w.err
+		default:
+			forget()
+		}
+		return Frame{}, fmt.Errorf("%w: %w", ErrConnectionLost, c.Err())
 	case <-ctx.Done():
 		forget()
 		return Frame{}, ctx.Err()

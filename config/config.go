@@ -55,8 +55,15 @@ type Config struct {
 	StaleThreshold time.Duration // default 90 s: rows with last_ping_at older than this are marked disconnected
 
 	// Queue (02 §5).
-	ClaimLease          time.Duration // default 30 s: a claimed row is invisible to other drains this long
-	ClaimReapInterval   time.Duration // default 15 s
+	ClaimLease        time.Duration // CLAIM_LEASE_MS, default 30 s: a claimed row is invisible to other drains this long
+	ClaimReapInterval time.Duration // CLAIM_REAP_INTERVAL_MS, default 15 s
+	// PushConfirmDelay is how soon after writing a queue push a socket pings
+	// to learn that the push arrived (M3): the pong is the proof that marks
+	// a non-acking client's row delivered.
+	PushConfirmDelay time.Duration // PUSH_CONFIRM_MS, default 50 ms
+	// DeliveredFlush is the group-commit interval of delivered marks: a
+	// crash replays at most the pushes confirmed within it (M3).
+	DeliveredFlush      time.Duration // DELIVERED_FLUSH_MS, default 20 ms, at most 100 ms
 	OrphanSweepInterval time.Duration // default 1 h
 	OrphanAge           time.Duration // default 7 days: undelivered rows older than this are deleted
 	QueueDepthInterval  time.Duration // default 30 s: broker_queue_depth refresh
@@ -69,7 +76,8 @@ type Config struct {
 	GCPercent        int           // GOGC, default 50 (the runtime's is 100); -1: off
 	MemoryTrimEvery  time.Duration // default 30 s: a quiet broker returns a burst's memory to the OS (0: never)
 	MemoryTrimMin    uint64        // default 16 MiB: the least a trim must reclaim to be done
-	ShutdownTimeout  time.Duration // default 10 s: the whole graceful shutdown must fit in it
+	ShutdownTimeout  time.Duration // SHUTDOWN_TIMEOUT_MS, default 10 s: the whole graceful shutdown must fit in it
+	ShutdownConfirm  time.Duration // SHUTDOWN_CONFIRM_MS, default 1 s: how long shutdown waits for pongs confirming written pushes
 	GitSHA           string        // GIT_SHA, surfaced on /health
 	ExpectedSchema   string        // EXPECTED_MIGRATION: /health/ready is 503 until this schema version is recorded
 	LogLevel         slog.Level    // LOG_LEVEL: debug, info, warn, error; default info
@@ -118,6 +126,8 @@ func Default() Config {
 
 		ClaimLease:          30 * time.Second,
 		ClaimReapInterval:   15 * time.Second,
+		PushConfirmDelay:    50 * time.Millisecond,
+		DeliveredFlush:      20 * time.Millisecond,
 		OrphanSweepInterval: time.Hour,
 		OrphanAge:           7 * 24 * time.Hour,
 		QueueDepthInterval:  30 * time.Second,
@@ -130,6 +140,7 @@ func Default() Config {
 		MemoryTrimEvery:  30 * time.Second,
 		MemoryTrimMin:    16 << 20,
 		ShutdownTimeout:  10 * time.Second,
+		ShutdownConfirm:  time.Second,
 		GitSHA:           "",
 		LogLevel:         slog.LevelInfo,
 		Toolbox:          DefaultToolbox(),
@@ -252,6 +263,31 @@ var vars = []envVar{
 	{name: "HELLO_TIMEOUT_MS", accepts: "a positive integer (milliseconds)", help: "a socket without a completed hello is closed after this",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.HelloTimeout }),
 		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.HelloTimeout })},
+	{name: "CLAIM_LEASE_MS", accepts: "a positive integer (milliseconds)", help: "a claimed queue row is invisible to other drains this long; an unconfirmed push is pushed again after it",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.ClaimLease }),
+		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.ClaimLease })},
+	{name: "CLAIM_REAP_INTERVAL_MS", accepts: "a positive integer (milliseconds)", help: "how often expired claims are resolved and their targets drained again",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.ClaimReapInterval }),
+		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.ClaimReapInterval })},
+	{name: "PUSH_CONFIRM_MS", accepts: "a positive integer (milliseconds)", help: "a socket pings this soon after a push; the pong confirms the push (M3)",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.PushConfirmDelay }),
+		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.PushConfirmDelay })},
+	{name: "DELIVERED_FLUSH_MS", accepts: "an integer 1-100 (milliseconds)", help: "group-commit interval of delivered marks: a crash replays at most this much confirmed traffic",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.DeliveredFlush }),
+		set: func(c *Config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 100 {
+				return errBad
+			}
+			c.DeliveredFlush = time.Duration(n) * time.Millisecond
+			return nil
+		}},
+	{name: "SHUTDOWN_TIMEOUT_MS", accepts: "a positive integer (milliseconds)", help: "the whole graceful shutdown (SIGTERM) must fit in this",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.ShutdownTimeout }),
+		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.ShutdownTimeout })},
+	{name: "SHUTDOWN_CONFIRM_MS", accepts: "a positive integer (milliseconds)", help: "at shutdown, how long to wait for pongs confirming written pushes before closing sockets",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.ShutdownConfirm }),
+		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.ShutdownConfirm })},
 	{name: "WATCH_ALLOW_PRIVATE", accepts: "true or false", help: "let URL watches reach loopback, private and link-local addresses",
 		def: func(c Config) string { return strconv.FormatBool(c.WatchAllowPrivate) },
 		set: func(c *Config, v string) error {

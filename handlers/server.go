@@ -73,6 +73,9 @@ type Server struct {
 	socks    map[*wsConn]struct{}
 	stopping bool
 	wg       sync.WaitGroup
+
+	httpOnce sync.Once // StopAccepting
+	httpErr  error
 }
 
 // New builds the routes.
@@ -116,18 +119,66 @@ func (s *Server) Serve(ln net.Listener) error {
 	return nil
 }
 
-// Shutdown stops accepting, closes every WebSocket with 1001 "shutting
-// down" (the presence service has already marked the rows and closed the
-// registered ones), and waits for every socket goroutine, bounded by ctx.
-func (s *Server) Shutdown(ctx context.Context) error {
-	err := s.http.Shutdown(ctx)
+// StopAccepting closes the listener and refuses new WebSocket upgrades;
+// it waits (bounded by ctx) for plain HTTP requests in progress. Sockets
+// already open keep running. A second call does nothing.
+func (s *Server) StopAccepting(ctx context.Context) error {
+	s.httpOnce.Do(func() {
+		s.mu.Lock()
+		s.stopping = true
+		s.mu.Unlock()
+		s.httpErr = s.http.Shutdown(ctx)
+	})
+	return s.httpErr
+}
+
+func (s *Server) sockets() []*wsConn {
 	s.mu.Lock()
-	s.stopping = true
+	defer s.mu.Unlock()
 	socks := make([]*wsConn, 0, len(s.socks))
 	for w := range s.socks {
 		socks = append(socks, w)
 	}
-	s.mu.Unlock()
+	return socks
+}
+
+// StopReading is shutdown's first step on the sockets: each stops handling
+// new frames (client_ack excepted), finishes the frame in hand and the
+// sends it accepted, whose acks are then queued for writing. Bounded by ctx.
+func (s *Server) StopReading(ctx context.Context) {
+	socks := s.sockets()
+	var wg sync.WaitGroup
+	for _, w := range socks {
+		wg.Add(1)
+		go func() { defer wg.Done(); w.stopReading(ctx) }()
+	}
+	wg.Wait()
+}
+
+// ConfirmPushes flushes every socket, pings it after what it wrote and waits
+// up to wait (and ctx) for the pongs that confirm its written pushes, so a
+// client that answers pings has them marked delivered, not pushed again by
+// the next broker (M3, S2).
+func (s *Server) ConfirmPushes(ctx context.Context, wait time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	socks := s.sockets()
+	for _, w := range socks {
+		if !w.settled() {
+			w.requestPing(false) // all at once, so the round trips overlap
+		}
+	}
+	for _, w := range socks {
+		w.confirmWritten(ctx)
+	}
+}
+
+// Shutdown stops accepting, closes every WebSocket with 1001 "shutting
+// down" (the presence service has already marked the rows and closed the
+// registered ones), and waits for every socket goroutine, bounded by ctx.
+func (s *Server) Shutdown(ctx context.Context) error {
+	err := s.StopAccepting(ctx)
+	socks := s.sockets()
 	for _, w := range socks {
 		w.Close(protocol.CloseShuttingDown)
 	}

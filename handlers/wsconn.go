@@ -60,12 +60,21 @@ type wsConn struct {
 	authed    atomic.Bool                   // set by the reader after a successful hello; read by the hello timer
 	ident     atomic.Pointer[services.Conn] // the presence, for log lines; set with authed
 	confirmed atomic.Uint64                 // highest write sequence a pong has confirmed; set by the reader
+	pongs     chan struct{}                 // (cap 1) the reader signals every pong here, for confirmWritten
+
+	// Shutdown stops the reader's dispatching (stopReading): once draining
+	// is set, frames read are dropped (client_ack excepted), and dispatchMu,
+	// held by the reader around each dispatch, lets stopReading wait for the
+	// frame in hand.
+	draining   atomic.Bool
+	dispatchMu sync.Mutex
 
 	// Owned by the reader: serve's loop and the frame goroutine it waits for.
-	presence      *services.Conn
-	completions   chan completion // pipelined sends, to completeSends; made at the first send, closed by serve
-	completerDone chan struct{}   // closed when completeSends has finished
-	sendsPending  sync.WaitGroup  // pipelined sends not yet acked; Add by the reader, Done by completeSends
+	lastPongReport time.Time // when a pong was last reported to the presence
+	presence       *services.Conn
+	completions    chan completion // pipelined sends, to completeSends; made at the first send, closed by serve
+	completerDone  chan struct{}   // closed when completeSends has finished
+	sendsPending   sync.WaitGroup  // pipelined sends not yet acked; Add by the reader, Done by completeSends
 
 	// The outbound queue grows on demand up to cfg.OutboxFrames, so an idle
 	// socket holds no buffer. qmu guards it and the writer's run state.
@@ -79,9 +88,16 @@ type wsConn struct {
 	confirmTimer *time.Timer
 
 	// Owned by the running writer (read by Unsent once writing has ended).
-	writeSeq uint64        // frames written so far
-	written  []writtenPush // queue pushes written but not yet confirmed by a pong
+	writeSeq uint64 // frames written so far
 	spare    []protocol.Frame
+
+	// wmu guards written: the writer appends, the reader's pong handler
+	// takes what a pong confirmed. confirmMu (taken first) spans taking
+	// and handing the confirmed ids to messaging, so settled never sees a
+	// push gone from written whose delivered mark is not queued yet.
+	confirmMu sync.Mutex
+	wmu       sync.Mutex
+	written   []writtenPush // queue pushes written but not yet confirmed by a pong
 }
 
 // writtenPush is a queue push the writer handed to the socket. It counts as
@@ -202,27 +218,47 @@ func (w *wsConn) Terminate() {
 	_ = w.ws.NetConn().Close() // unblocks both loops at once
 }
 
-// trimConfirmed drops written pushes a pong has confirmed. Writer only.
-func (w *wsConn) trimConfirmed() {
-	c := w.confirmed.Load()
+// takeConfirmed removes and returns the written pushes a pong up to write
+// sequence upTo has confirmed.
+func (w *wsConn) takeConfirmed(upTo uint64) []string {
+	w.wmu.Lock()
+	defer w.wmu.Unlock()
 	i := 0
-	for i < len(w.written) && w.written[i].seq <= c {
+	for i < len(w.written) && w.written[i].seq <= upTo {
 		i++
 	}
-	if i > 0 {
-		w.written = append(w.written[:0], w.written[i:]...)
+	if i == 0 {
+		return nil
 	}
+	ids := make([]string, i)
+	for j := range i {
+		ids[j] = w.written[j].id
+	}
+	w.written = append(w.written[:0], w.written[i:]...)
+	if len(w.written) == 0 && cap(w.written) > 256 {
+		w.written = nil // let a burst's buffer go
+	}
+	return ids
+}
+
+// unconfirmed counts written pushes no pong has confirmed yet.
+func (w *wsConn) unconfirmed() int {
+	w.wmu.Lock()
+	defer w.wmu.Unlock()
+	return len(w.written)
 }
 
 // Unsent returns the messageIds of the queue pushes this socket cannot vouch
 // for: written but never confirmed by a pong, or never written at all.
 // Called once the writer has exited.
 func (w *wsConn) Unsent() []string {
-	w.trimConfirmed()
+	w.takeConfirmed(w.confirmed.Load()) // settled by the pong handler already
+	w.wmu.Lock()
 	ids := make([]string, 0, len(w.written))
 	for _, p := range w.written {
 		ids = append(ids, p.id)
 	}
+	w.wmu.Unlock()
 	for _, f := range w.takeQueued(nil) {
 		if id, ok := pushMessageID(f); ok {
 			ids = append(ids, id)
@@ -254,11 +290,6 @@ func (w *wsConn) shutdown(c protocol.Close, abrupt bool) {
 		w.kickWriter()
 	})
 }
-
-// confirmDelay is how soon after writing a queue push the writer pings to
-// learn that it arrived, so a socket that dies right after a push can tell
-// the push was received or not.
-const confirmDelay = 100 * time.Millisecond
 
 // writeRun writes what is queued and any due ping, until nothing is left;
 // on close it flushes what was offered before it, writes the close frame and
@@ -359,22 +390,26 @@ func (w *wsConn) writeFrame(f protocol.Frame) bool {
 	_ = w.ws.SetWriteDeadline(time.Now().Add(w.srv.cfg.WriteWait))
 	if err := w.ws.WriteMessage(websocket.TextMessage, f); err != nil {
 		if id, ok := pushMessageID(f); ok {
+			w.wmu.Lock()
 			w.written = append(w.written, writtenPush{seq: math.MaxUint64, id: id}) // never confirmed
+			w.wmu.Unlock()
 		}
 		w.Terminate()
 		return false
 	}
 	w.writeSeq++
 	if id, ok := pushMessageID(f); ok {
-		w.trimConfirmed()
+		w.wmu.Lock()
 		w.written = append(w.written, writtenPush{seq: w.writeSeq, id: id})
+		w.wmu.Unlock()
 		w.armConfirm()
 	}
 	return true
 }
 
-// armConfirm schedules the ping that confirms written pushes, unless one is
-// already due.
+// armConfirm schedules the ping that confirms written pushes
+// (PushConfirmDelay after the first unconfirmed one, so a busy socket pays
+// one ping per interval, not one per push), unless one is already due.
 func (w *wsConn) armConfirm() {
 	w.qmu.Lock()
 	defer w.qmu.Unlock()
@@ -383,10 +418,10 @@ func (w *wsConn) armConfirm() {
 	}
 	w.confirmArmed = true
 	if w.confirmTimer == nil {
-		w.confirmTimer = time.AfterFunc(confirmDelay, func() { w.requestPing(true) })
+		w.confirmTimer = time.AfterFunc(w.srv.cfg.PushConfirmDelay, func() { w.requestPing(true) })
 		return
 	}
-	w.confirmTimer.Reset(confirmDelay)
+	w.confirmTimer.Reset(w.srv.cfg.PushConfirmDelay)
 }
 
 // sendPing writes a ping whose payload is the write sequence; the pong
@@ -428,7 +463,7 @@ func (s *Server) handleWS(c echo.Context) error {
 	}
 	s.svc.Metrics.ConnectionsTotal.Inc()
 	w := &wsConn{
-		srv: s, ws: ws, closing: make(chan struct{}), writerDone: make(chan struct{}),
+		srv: s, ws: ws, closing: make(chan struct{}), writerDone: make(chan struct{}), pongs: make(chan struct{}, 1),
 		clientIP: s.clientIP(c.Request()),
 	}
 	s.mu.Lock()
@@ -500,9 +535,24 @@ func (w *wsConn) serve() {
 		w.renewReadDeadline(time.Now())
 		if seq, err := strconv.ParseUint(payload, 10, 64); err == nil && seq > w.confirmed.Load() {
 			w.confirmed.Store(seq) // only this goroutine stores
+			// The peer read the stream up to seq: the pushes before it are
+			// proven delivered (M3).
+			w.confirmMu.Lock()
+			if ids := w.takeConfirmed(seq); len(ids) > 0 {
+				w.srv.svc.Messaging.Confirmed(w.presence, w, ids)
+			}
+			w.confirmMu.Unlock()
 		}
-		if w.presence != nil {
+		// Confirmation pings make pongs frequent on a busy socket; the
+		// presence needs to hear of liveness about once per heartbeat (and
+		// at most once a second), not of each.
+		if now := time.Now(); w.presence != nil && now.Sub(w.lastPongReport) >= min(time.Second, w.srv.cfg.PingInterval/2) {
+			w.lastPongReport = now
 			w.srv.svc.Presence.Pong(w.presence)
+		}
+		select {
+		case w.pongs <- struct{}{}:
+		default:
 		}
 		return nil
 	})
@@ -558,7 +608,67 @@ func (w *wsConn) readFrames() {
 				w.srv.svc.Presence.Pong(w.presence)
 			}
 		}
-		onFreshStack(func() { w.dispatch(data) })
+		w.dispatchMu.Lock()
+		if !w.draining.Load() || isClientAck(data) {
+			onFreshStack(func() { w.dispatch(data) })
+		}
+		w.dispatchMu.Unlock()
+	}
+}
+
+// isClientAck reports whether a frame is a client_ack, the one frame a
+// socket still handles while the broker shuts down: it settles a push
+// instead of starting new work.
+func isClientAck(data []byte) bool {
+	h, _, err := protocol.DecodeHeadSend(data)
+	return err == nil && h.Type == "client_ack"
+}
+
+// stopReading is shutdown's first step on this socket: frames read from
+// now on are dropped (a send among them was never acked, so its client
+// sends it again to the next broker), the frame being handled finishes,
+// and so do the sends already accepted, whose acks are then queued. It
+// returns early when ctx ends.
+func (w *wsConn) stopReading(ctx context.Context) {
+	w.draining.Store(true)
+	w.dispatchMu.Lock()
+	w.dispatchMu.Unlock() // an empty critical section: waits for the frame in hand
+	done := make(chan struct{})
+	go func() { w.sendsPending.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+// settled reports that nothing offered to this socket waits for writing or
+// for a pong's confirmation.
+func (w *wsConn) settled() bool {
+	w.qmu.Lock()
+	idle := len(w.queue) == 0 && !w.writing
+	w.qmu.Unlock()
+	if !idle {
+		return false
+	}
+	w.confirmMu.Lock()
+	defer w.confirmMu.Unlock()
+	return w.unconfirmed() == 0
+}
+
+// confirmWritten is shutdown's wait for proof of delivery on this socket:
+// it pings after everything queued and returns once a pong has confirmed
+// every push written, the socket has stopped writing, or ctx ends (a peer
+// that does not answer pings costs the whole wait, shared by all sockets).
+func (w *wsConn) confirmWritten(ctx context.Context) {
+	for !w.settled() {
+		w.requestPing(false)
+		select {
+		case <-w.pongs:
+		case <-w.writerDone:
+			return
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 

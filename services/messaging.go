@@ -27,12 +27,17 @@ import (
 // marked as having a backlog, and their drains (single-flight, with a dirty
 // flag) claim it in FIFO order. A connection leaves backlog mode only after
 // a drain at a status that takes every priority found nothing more. Every
-// pushed, unacked row sits in its connection's inflight set until a
-// client_ack, until the socket closes, or until the claim lease runs out. A
-// connection that has ever acked gets such a row again, on this socket at
-// claim expiry or on its next socket (D4, M3: at-least-once for the daemon,
-// which dedupes); one that never acked has it marked delivered (M3: never
-// twice for the SDK and load tools).
+// pushed, unacked row sits in its connection's inflight set until it is
+// proven delivered, until the socket closes, or until the claim lease runs
+// out. A row is marked delivered only on proof (M2, M3): its client_ack,
+// or, for a connection that never acked, a pong to a ping the socket wrote
+// after the push (Confirmed), committed within DeliveredFlush. Without
+// proof it is never marked: at claim expiry it is pushed again, at socket
+// close it is released for the next socket. A connection that has ever
+// acked keeps even confirmed rows until their client_ack (at-least-once
+// for the daemon, which dedupes). Loss is never traded for de-duplication:
+// a client sees a message twice only if it was pushed and not confirmed
+// before a socket loss or a crash.
 //
 // Concurrency: deliveries (presence id -> *delivery) is guarded by mu; each
 // delivery's fields by its own mu. Neither lock is held across I/O or while
@@ -157,8 +162,8 @@ func (m *MessagingService) attached(c *Conn, _ bool) {
 // pushes the socket cannot vouch for (never written, or written but not
 // followed by a pong): they may not have arrived, so they are released. A
 // client that acks gets every unacked push again (M3: every message until it
-// acks it); for one that never acked, a push the peer provably read past is
-// marked delivered, since such a client must never see a message twice (M3).
+// acks it); for one that never acked, a push the peer provably read past
+// (normally already settled by Confirmed) is marked delivered.
 // Released rows may be member-key DMs another connection can take now.
 func (m *MessagingService) detached(c *Conn, out Outbox, unsent []string) {
 	d := m.lookup(c.PresenceID)
@@ -282,12 +287,12 @@ func (m *MessagingService) StopDrains() {
 	m.drains.Wait()
 }
 
-// Stop refuses new drains, waits for the running ones and settles what is
-// in flight as a socket close would (leases do not survive a restart): a
-// client that acks gets its unacked pushes again from the next broker at
-// once instead of after the claim lease; one that never acked has them
-// marked delivered. The broker calls it after every socket is closed,
-// before the queue writers stop.
+// Stop refuses new drains, waits for the running ones and releases what is
+// still in flight, so the next broker pushes it at once instead of after
+// the claim lease. Nothing is marked delivered here: a confirmed push of a
+// non-acking client has left inflight already, and anything else has no
+// proof of delivery (M2). The broker calls it after every socket is
+// closed, before the queue writers stop.
 func (m *MessagingService) Stop() {
 	m.StopDrains()
 	m.mu.Lock()
@@ -300,11 +305,7 @@ func (m *MessagingService) Stop() {
 	for _, d := range ds {
 		d.mu.Lock()
 		for id := range d.inflight {
-			if d.everAcked {
-				release = append(release, id)
-			} else {
-				m.queue.MarkDeliveredAsync(id)
-			}
+			release = append(release, id)
 		}
 		clear(d.inflight)
 		d.mu.Unlock()
@@ -337,7 +338,18 @@ func (m *MessagingService) drain(d *delivery) {
 			return
 		}
 		if len(rows) > 0 && !m.pushClaimed(ctx, d, view.Out, rows) {
-			stopDraining() // the socket is going: its close settles the rest
+			// The socket is going: its close settles what it was given, and
+			// the rest went back to the queue. A trigger that came meanwhile
+			// (a reattach on a new socket) must still drain, or the rows
+			// just released would wait for the next trigger.
+			d.mu.Lock()
+			if d.dirty {
+				d.dirty = false
+				d.mu.Unlock()
+				continue
+			}
+			d.draining = false
+			d.mu.Unlock()
 			return
 		}
 		if len(rows) == claimBatch {
@@ -414,21 +426,17 @@ func drainTargets(c *Conn, groups []protocol.Group) []string {
 }
 
 // pushClaimed writes claimed rows to a socket in order. A row this socket
-// already had (its claim ran out before the inflight sweep saw it) is not
-// pushed twice to a client that never acks: it is marked delivered.
+// already had (its claim ran out before the inflight sweep saw it) was
+// never confirmed, or it would not be inflight: it is pushed again.
 //
 // It reports false when the socket refused a push (gone or full): the rest
 // went back to the queue, and the caller must not drain this socket again.
 func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Outbox, rows []ClaimedRow) bool {
 	senderKeys := m.senderKeys(ctx, rows)
 	expiry := m.now().Add(m.cfg.ClaimLease)
-	var unsent, seen []string
+	var unsent []string
 	d.mu.Lock()
 	for i, r := range rows {
-		if _, had := d.inflight[r.ID]; had && !d.everAcked {
-			seen = append(seen, r.ID) // stays in inflight until the sweep has marked it
-			continue
-		}
 		push := protocol.Push{
 			Type: "push", MessageID: r.ID, MeshID: d.conn.MeshID, SenderPubkey: senderKeys[r.SenderMemberID], Priority: r.Priority,
 			Nonce: r.Nonce, Ciphertext: r.Ciphertext, CreatedAt: protocol.ISO(r.CreatedAt),
@@ -454,9 +462,6 @@ func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Out
 		m.metrics.MessagesRouted.WithLabelValues(r.Priority).Inc()
 	}
 	d.mu.Unlock()
-	for _, id := range seen {
-		m.queue.MarkDeliveredAsync(id)
-	}
 	// Siblings may take released member-key rows now; this socket cannot.
 	m.releaseFor(d.conn, unsent, d.conn)
 	return len(unsent) == 0
@@ -479,9 +484,40 @@ func (m *MessagingService) senderKeys(ctx context.Context, rows []ClaimedRow) ma
 	return keys
 }
 
-// SweepInflight resolves pushed rows whose claim ran out (D4): a client
-// that acks gets another drain (redelivery); one that never acked, with its
-// socket open all along, has the row marked delivered.
+// Confirmed is a socket's proof that the peer read its stream past the
+// pushes ids (a pong answered a ping written after them). A connection
+// that never acked has them marked delivered, group-committed within
+// DeliveredFlush; one that acks keeps them until their client_ack.
+func (m *MessagingService) Confirmed(c *Conn, out Outbox, ids []string) {
+	if c == nil || len(ids) == 0 {
+		return
+	}
+	d := m.lookup(c.PresenceID)
+	if d == nil {
+		return
+	}
+	marks := make([]string, 0, len(ids))
+	d.mu.Lock()
+	if !d.everAcked {
+		for _, id := range ids {
+			if f, ok := d.inflight[id]; ok && f.out == out {
+				delete(d.inflight, id)
+				marks = append(marks, id)
+			}
+		}
+		d.compactLocked()
+	}
+	d.mu.Unlock()
+	for _, id := range marks {
+		m.queue.MarkDeliveredAsync(id)
+	}
+}
+
+// SweepInflight resolves pushed rows whose claim ran out (D4). None of
+// them is proven delivered (a confirmed push of a non-acking client left
+// inflight at its pong), so each is pushed again by another drain: to a
+// client that acks, a redelivery it dedupes; to a frozen reader, a copy
+// that its next socket gets too if this one never answers (M2: never lost).
 func (m *MessagingService) SweepInflight(ctx context.Context, now time.Time) error {
 	m.mu.Lock()
 	ds := make([]*delivery, 0, len(m.deliveries))
@@ -489,27 +525,18 @@ func (m *MessagingService) SweepInflight(ctx context.Context, now time.Time) err
 		ds = append(ds, d)
 	}
 	m.mu.Unlock()
-	type expired struct {
-		d   *delivery
-		ids []string
-	}
-	var marks []expired
-	var all []string
 	for _, d := range ds {
 		var redrain bool
-		var ids []string
 		d.mu.Lock()
 		for id, f := range d.inflight {
 			if f.exp.After(now) {
 				continue
 			}
-			if d.everAcked {
-				delete(d.inflight, id)
-				redrain = true
-				m.metrics.Redelivered.Inc()
-			} else {
-				ids = append(ids, id) // stays in inflight until marked: a drain meanwhile must not push it again
-			}
+			// Its claim has run out in the table too (the claim was taken
+			// no later than this expiry was set), so the drain takes it.
+			delete(d.inflight, id)
+			redrain = true
+			m.metrics.Redelivered.Inc()
 		}
 		if redrain {
 			d.backlog = true
@@ -519,28 +546,8 @@ func (m *MessagingService) SweepInflight(ctx context.Context, now time.Time) err
 		if redrain {
 			m.trigger(d)
 		}
-		if len(ids) > 0 {
-			marks = append(marks, expired{d, ids})
-			all = append(all, ids...)
-		}
 	}
-	if len(all) == 0 {
-		return nil
-	}
-	n, err := m.queue.MarkDelivered(ctx, all)
-	m.metrics.DeliveredOnce.Add(float64(n))
-	if err != nil {
-		return fmt.Errorf("mark expired pushes delivered: %w", err)
-	}
-	for _, e := range marks {
-		e.d.mu.Lock()
-		for _, id := range e.ids {
-			delete(e.d.inflight, id)
-		}
-		e.d.compactLocked()
-		e.d.mu.Unlock()
-	}
-	return nil
+	return ctx.Err()
 }
 
 // ReapAndRedrain clears claims that ran out more than one reap interval ago

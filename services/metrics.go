@@ -67,7 +67,7 @@ func NewMetrics() *Metrics {
 	m.AuditPending = prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshbroker_audit_pending", Help: "Audit entries waiting to be written"})
 	m.AuditFailed = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_audit_failed_total", Help: "Audit entries that could not be written"})
 	m.AuditWritten = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_audit_written_total", Help: "Audit entries appended to the chain"})
-	m.DeliveredOnce = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_queue_delivered_total", Help: "Queue rows marked delivered (client_ack or lease expiry for non-acking clients)"})
+	m.DeliveredOnce = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_queue_delivered_total", Help: "Queue rows marked delivered (client_ack, or a pong confirming the push to a client that never acks)"})
 	m.Redelivered = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_queue_redelivered_total", Help: "Queue rows released for another push (acking client lost its socket or let the claim expire)"})
 	m.AcceptLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_send_accept_seconds", Help: "send frame to committed row", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})
 	m.ReattachLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_reattach_seconds", Help: "hello received to hello_ack queued, for silent reattaches", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})

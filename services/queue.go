@@ -24,8 +24,10 @@ import (
 // the inserts channel and waits for the commit; each writer takes every row
 // waiting (up to maxBatch) and commits them with one multi-row INSERT, so a
 // burst of sends from many sockets costs one round trip, not one each
-// (02 §13). Delivered marks are batched the same way by one goroutine,
-// without a waiter: a lost mark only means a redelivery. Everything else
+// (02 §13). Delivered marks are batched by one goroutine, which lets
+// marks without a waiter (push confirmations) gather for up to
+// DeliveredFlush before one UPDATE commits them all: a mark lost in a
+// crash only means a redelivery, and the interval bounds how many. Everything else
 // is a plain query; the service has no other shared state. Stop closes
 // the channels' producers out and waits for the writers to flush.
 type QueueService struct {
@@ -73,6 +75,7 @@ type insertReq struct {
 }
 
 // markReq is one delivered mark; done (optional) learns when it committed.
+// An empty id is a flush marker.
 type markReq struct {
 	id   string
 	done chan error
@@ -296,7 +299,9 @@ func (q *QueueService) markLoop() {
 		}
 		ids = ids[:0]
 		for _, r := range batch {
-			ids = append(ids, r.id)
+			if r.id != "" {
+				ids = append(ids, r.id)
+			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		n, err := q.MarkDelivered(ctx, ids)
@@ -312,19 +317,41 @@ func (q *QueueService) markLoop() {
 		}
 		batch = batch[:0]
 	}
+	// Marks without a waiter (push confirmations) linger up to
+	// DeliveredFlush so one UPDATE carries many; a waiter (client_ack, a
+	// flush) commits everything pending at once.
+	linger := time.NewTimer(time.Hour)
+	linger.Stop()
+	lingering := false
+	add := func(r markReq) (now bool) {
+		batch = append(batch, r)
+		return r.done != nil || len(batch) >= maxMarkBatch
+	}
 	for {
 		select {
 		case r := <-q.delivered:
-			batch = append(batch, r)
+			now := add(r)
 		fill:
-			for len(batch) < maxMarkBatch {
+			for !now {
 				select {
 				case r := <-q.delivered:
-					batch = append(batch, r)
+					now = add(r)
 				default:
 					break fill
 				}
 			}
+			if now || q.cfg.DeliveredFlush <= 0 {
+				if lingering {
+					linger.Stop()
+					lingering = false
+				}
+				flush()
+			} else if !lingering {
+				linger.Reset(q.cfg.DeliveredFlush)
+				lingering = true
+			}
+		case <-linger.C:
+			lingering = false
 			flush()
 		case <-q.stop:
 			for {
@@ -337,6 +364,25 @@ func (q *QueueService) markLoop() {
 				}
 			}
 		}
+	}
+}
+
+// FlushMarks returns once every delivered mark queued before it is
+// committed (shutdown persists confirmations before closing sockets).
+func (q *QueueService) FlushMarks(ctx context.Context) error {
+	req := markReq{done: make(chan error, 1)}
+	select {
+	case q.delivered <- req:
+	case <-q.stop:
+		return errQueueStopped
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 

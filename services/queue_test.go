@@ -99,3 +99,41 @@ func TestClaimsAreDisjoint(t *testing.T) {
 		}
 	}
 }
+
+// Marks without a waiter linger for DeliveredFlush and commit as one batch;
+// FlushMarks returns only once every mark queued before it is committed.
+func TestAsyncMarksCommitByFlush(t *testing.T) {
+	db := modelstest.OpenTestDB(t)
+	ctx := context.Background()
+	mesh, err := NewProvisionService(db, time.Now).CreateMesh(ctx, "marks", "", "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Default()
+	cfg.DeliveredFlush = time.Hour // only FlushMarks (or a waiter) commits
+	q := NewQueueService(cfg, db, slog.New(slog.NewTextHandler(io.Discard, nil)), NewMetrics(), time.Now)
+	q.Start()
+	defer q.Stop()
+	var ids []string
+	for i := range 50 {
+		r := &QueueRow{ID: models.NewID(), MeshID: mesh.MeshID, SenderMemberID: mesh.MemberID, TargetSpec: mesh.Pubkey, Priority: "now",
+			CreatedAt: time.Now().Add(time.Duration(i) * time.Millisecond)}
+		if err := q.Insert(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, r.ID)
+	}
+	for _, id := range ids {
+		q.MarkDeliveredAsync(id)
+	}
+	if err := q.FlushMarks(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var open int64
+	if err := db.Raw("SELECT count(*) FROM "+db.Table("message_queue")+" WHERE mesh_id = ? AND delivered_at IS NULL", mesh.MeshID).Scan(&open).Error; err != nil {
+		t.Fatal(err)
+	}
+	if open != 0 {
+		t.Fatalf("%d of %d rows still undelivered after FlushMarks", open, len(ids))
+	}
+}

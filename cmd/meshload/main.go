@@ -32,6 +32,11 @@ Usage:
   meshload [flags]                  message run: N peers each send M direct messages
   meshload --idle N [flags]         hold N authenticated idle sockets for --hold
   meshload --reattach N [flags]     put N leases in grace, measure their reattach
+  meshload --fault kill|term --broker-bin PATH [flags]
+                                    run the broker as a child, kill -9 or SIGTERM it under
+                                    paced load (--peers senders and --peers non-acking
+                                    receivers, --rate msg/s in total), restart it on the
+                                    same database, count lost and duplicated messages by id
 
 Seeding needs the broker's database: --database-url postgres://… (Postgres) or
 --data-dir DIR (the SQLite file DIR/meshbroker.db; seed before the broker
@@ -79,6 +84,12 @@ type options struct {
 	metricsURL  string
 	rssInterval time.Duration
 
+	fault      string
+	brokerBin  string
+	brokerEnv  string
+	faultAfter time.Duration
+	claimLease time.Duration
+
 	json bool
 	seed int64
 }
@@ -119,6 +130,11 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.metricsURL, "metrics-url", "", "else scrape process_resident_memory_bytes from this Prometheus URL")
 	fs.DurationVar(&o.rssInterval, "rss-interval", 200*time.Millisecond, "RSS sampling interval")
 
+	fs.StringVar(&o.fault, "fault", "", "fault mode: kill or term; meshload runs --broker-bin itself, signals it after --fault-after and restarts it")
+	fs.StringVar(&o.brokerBin, "broker-bin", "", "fault mode: the meshbroker binary to run as a child process")
+	fs.StringVar(&o.brokerEnv, "broker-env", "", "fault mode: extra KEY=VALUE settings for the broker, space-separated")
+	fs.DurationVar(&o.faultAfter, "fault-after", 6*time.Second, "fault mode: how long the load runs before the signal")
+	fs.DurationVar(&o.claimLease, "claim-lease", 3*time.Second, "fault mode: the broker's CLAIM_LEASE_MS, so a killed broker's claims run out soon")
 	fs.BoolVar(&o.json, "json", false, "print the summary as one JSON object")
 	fs.Int64Var(&o.seed, "seed", 0, "random seed for target choice (0: time-based)")
 	if err := fs.Parse(args); err != nil {
@@ -132,6 +148,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("one of --database-url or --data-dir is required to seed the mesh")
 	case o.databaseURL != "" && !strings.HasPrefix(o.databaseURL, "postgres://") && !strings.HasPrefix(o.databaseURL, "postgresql://"):
 		return o, fmt.Errorf("--database-url must start with postgres:// or postgresql://")
+	case o.fault != "" && (o.idle > 0 || o.reattach > 0):
+		return o, fmt.Errorf("--fault is a mode of its own")
+	case o.fault != "" && o.fault != "kill" && o.fault != "term":
+		return o, fmt.Errorf("--fault must be kill or term")
 	case o.idle > 0 && o.reattach > 0:
 		return o, fmt.Errorf("--idle and --reattach are separate modes")
 	case o.idle == 0 && o.reattach == 0 && o.peers < 2:
@@ -176,6 +196,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	raiseFileLimit(logf)
 	switch {
+	case o.fault != "":
+		err = runFault(ctx, o, stdout, logf)
 	case o.idle > 0:
 		err = runIdle(ctx, o, stdout, logf)
 	case o.reattach > 0:
