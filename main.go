@@ -103,6 +103,7 @@ type broker struct {
 	health    *services.HealthService
 	realtime  *services.Realtime
 	server    *handlers.Server
+	owner     *models.OwnerLock // this process owns the database's leases while it holds it
 	ln        net.Listener
 
 	now       func() time.Time
@@ -130,8 +131,16 @@ func startBrokerWithClock(ctx context.Context, cfg config.Config, logger *slog.L
 		db.Close()
 		return nil, err
 	}
-	b, err := newBroker(cfg, logger, db, now)
+	// One owner of the leases at a time: a second broker on this database
+	// waits here, before it restores or listens, until the first has gone.
+	owner, err := models.AcquireOwnerLock(ctx, db, cfg.DataDir, logger)
 	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	b, err := newBroker(ctx, cfg, logger, db, owner, now)
+	if err != nil {
+		owner.Release()
 		db.Close()
 		return nil, err
 	}
@@ -139,8 +148,8 @@ func startBrokerWithClock(ctx context.Context, cfg config.Config, logger *slog.L
 }
 
 // newBroker wires services on an open, bootstrapped database and listens.
-func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB, now func() time.Time) (*broker, error) {
-	b := &broker{cfg: cfg, log: logger, db: db, metrics: services.NewMetrics(), served: make(chan error, 1), now: now}
+func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *models.DB, owner *models.OwnerLock, now func() time.Time) (*broker, error) {
+	b := &broker{cfg: cfg, log: logger, db: db, owner: owner, metrics: services.NewMetrics(), served: make(chan error, 1), now: now}
 	b.health = services.NewHealthService(db, logger, b.metrics, cfg.DBHealthInterval)
 	b.audit = services.NewAuditService(db, logger, b.metrics, now)
 	members := services.NewMemberDirectory(db, now, cfg.MemberCacheTTL)
@@ -173,6 +182,9 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB, now func()
 		},
 	}, now)
 
+	if _, err := b.presence.RestoreLeases(ctx); err != nil {
+		return nil, err
+	}
 	ln, err := net.Listen("tcp", cfg.Addr())
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)
@@ -220,6 +232,8 @@ func (b *broker) startJobs(ctx context.Context) {
 	b.jobs.Add(1)
 	go func() { defer b.jobs.Done(); b.health.Run(ctx) }()
 	b.every(ctx, "pong flush", max(cfg.PingInterval/3, time.Millisecond), b.presence.FlushPongs)
+	b.every(ctx, "lease flush", cfg.LeaseFlush, b.presence.FlushLeases)
+	b.every(ctx, "owner lock check", 5*time.Second, b.owner.Check)
 	b.every(ctx, "stale presence sweep", cfg.StaleSweep, func(ctx context.Context) error { _, err := b.presence.SweepStale(ctx); return err })
 	b.every(ctx, "stale pong watchdog", cfg.PingInterval, func(context.Context) error {
 		for _, o := range b.presence.StaleSockets() {
@@ -257,10 +271,10 @@ func (b *broker) startJobs(ctx context.Context) {
 	}
 }
 
-// Close is the graceful shutdown of 03 §9.5 with S2: mark this process's
-// presence rows disconnected, close every socket with 1001, wait for the
-// socket goroutines and background jobs, flush the queue and audit
-// writers, close storage.
+// Close is the graceful shutdown of 03 §9.5 with S2: close every socket
+// with 1001, wait for the socket goroutines and background jobs, hold the
+// leases for the next process (presence rows stay live), flush the queue
+// and audit writers, release the owner lock, close storage.
 func (b *broker) Close(ctx context.Context) error {
 	b.closeOnce.Do(func() { b.closeErr = b.close(ctx) })
 	return b.closeErr
@@ -283,10 +297,14 @@ func (b *broker) close(ctx context.Context) error {
 	b.realtime.Close()
 	b.messaging.Stop()
 	b.presence.Wait()
+	if err := b.presence.HoldForNextProcess(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	b.queue.Stop()
 	if err := b.audit.Close(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("audit flush: %w", err))
 	}
+	b.owner.Release()
 	if err := b.db.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close database: %w", err))
 	}

@@ -54,6 +54,7 @@ type PresenceService struct {
 	bgSlots  chan struct{}  // bounds concurrent savePeerState writes; static
 	stopping chan struct{}  // closed when Shutdown begins: saves still waiting for a slot give up
 	stopOnce sync.Once
+	leases   *leaseStore // durable leases (leases.go)
 
 	mu       sync.RWMutex
 	conns    map[string]*Conn            // presenceID -> entry
@@ -62,6 +63,7 @@ type PresenceService struct {
 	nextSeq  uint64                      // insertion order, for first-match scans
 	offline  int                         // entries in grace, for the gauge
 	pongs    map[string]struct{}         // presence ids whose last_ping_at needs a bump
+	dirty    map[string]struct{}         // presence ids whose meshbroker_lease row needs a rewrite (leases.go)
 	shutdown bool                        // set by Shutdown: no new registrations
 }
 
@@ -130,7 +132,10 @@ type Conn struct {
 	leaseGen    uint64
 	leaseTimer  *time.Timer
 	lastPongAt  time.Time
-	member      *MemberRow // as last read: at admission, or by the check after a reattach
+	member      *MemberRow // as last read: at admission, or by the check after a reattach; nil for a restored lease of a revoked member
+	// attestExpiresAt is the parent attestation's expiry of a session
+	// presence (zero for member hellos), as last proved by a session_hello.
+	attestExpiresAt time.Time
 }
 
 // RoutingPubkey is the key peers address this presence by: the session key
@@ -182,6 +187,7 @@ func NewPresenceService(cfg config.Config, db *models.DB, log *slog.Logger, metr
 		status: status, audit: audit, resume: resume, now: now,
 		conns: map[string]*Conn{}, byMesh: map[string]map[string]*Conn{}, byKey: map[string][]*Conn{},
 		pongs: map[string]struct{}{}, bgSlots: make(chan struct{}, peerStateWriters), stopping: make(chan struct{}),
+		dirty: map[string]struct{}{}, leases: &leaseStore{nodeID: models.NewID()},
 	}
 }
 
@@ -404,6 +410,7 @@ func (p *PresenceService) Closed(c *Conn, out Outbox) {
 	c.leaseTimer = time.AfterFunc(p.cfg.LeaseTTL, func() { p.expire(c, gen) })
 	p.offline++
 	p.metrics.OfflineLeases.Set(float64(p.offline))
+	p.markDirtyLocked(c)
 	snap := p.peerStateLocked(c)
 	p.mu.Unlock()
 
@@ -529,23 +536,22 @@ func (p *PresenceService) SweepStale(ctx context.Context) (int64, error) {
 	return res.RowsAffected, nil
 }
 
+// markDisconnected ends presences in the database: disconnected_at set
+// and their lease rows gone, so the next process does not restore them.
 func (p *PresenceService) markDisconnected(ctx context.Context, ids []string) error {
-	if len(ids) == 0 {
-		return nil
-	}
-	return p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("presence")+" SET disconnected_at = ? WHERE id IN ? AND disconnected_at IS NULL", p.now().UTC(), ids).Error
+	return p.endPresenceRows(ctx, ids)
 }
 
-// Shutdown marks this process's live presence rows disconnected (S2) and
-// closes every socket with 1001. No peer_left, no grace.
+// Shutdown stops the lease timers and closes every socket with 1001. No
+// peer_left, no grace, and no presence row is ended: the registry is kept
+// for the next process (S2), which HoldForNextProcess records once the
+// sockets are gone.
 func (p *PresenceService) Shutdown(ctx context.Context) error {
 	p.stopOnce.Do(func() { close(p.stopping) })
 	p.mu.Lock()
 	p.shutdown = true
-	ids := make([]string, 0, len(p.conns))
 	var outs []Outbox
-	for id, c := range p.conns {
-		ids = append(ids, id)
+	for _, c := range p.conns {
 		if c.leaseTimer != nil {
 			c.leaseTimer.Stop()
 			c.leaseTimer = nil
@@ -556,18 +562,10 @@ func (p *PresenceService) Shutdown(ctx context.Context) error {
 		}
 	}
 	p.mu.Unlock()
-	var err error
-	for len(ids) > 0 {
-		n := min(len(ids), 500)
-		if e := p.markDisconnected(ctx, ids[:n]); e != nil && err == nil {
-			err = fmt.Errorf("mark presences disconnected at shutdown: %w", e)
-		}
-		ids = ids[n:]
-	}
 	for _, o := range outs {
 		o.Close(protocol.CloseShuttingDown)
 	}
-	return err
+	return nil
 }
 
 // StaleSockets returns the online sockets whose last pong is older than
