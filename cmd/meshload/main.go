@@ -6,9 +6,10 @@
 // duplicates and the broker's peak RSS. It speaks only the wire protocol, so
 // it can drive any broker that shares the schema it seeds.
 //
-// Two more modes: --idle N holds N authenticated idle sockets (memory per
-// connection), and --reattach N puts N leases in grace and measures how fast
-// they reattach.
+// Three more modes: --idle N holds N authenticated idle sockets (memory per
+// connection), --reattach N puts N leases in grace and measures how fast
+// they reattach, and --restart N restarts the broker under N peers and
+// measures how fast they all reattach to the new process.
 //
 // Every mode is bounded in time: a run ends by itself after its drain or
 // hold timeout, and exits non-zero if the run failed to set up.
@@ -32,6 +33,12 @@ Usage:
   meshload [flags]                  message run: N peers each send M direct messages
   meshload --idle N [flags]         hold N authenticated idle sockets for --hold
   meshload --reattach N [flags]     put N leases in grace, measure their reattach
+  meshload --restart N --broker-bin PATH [flags]
+                                    start the broker, connect N peers, stop it (SIGTERM or,
+                                    with --restart-signal KILL, SIGKILL), start it again and
+                                    measure every peer's redial to hello_ack. The broker gets
+                                    meshload's environment (DATABASE_URL or DATA_DIR,
+                                    BROKER_PORT, LEASE_TTL_MS, MAX_CONNECTIONS_PER_MESH, ...)
 
 Seeding needs the broker's database: --database-url postgres://… (Postgres) or
 --data-dir DIR (the SQLite file DIR/meshbroker.db; seed before the broker
@@ -72,8 +79,12 @@ type options struct {
 	idle     int
 	hold     time.Duration
 	reattach int
+	restart  int
 	meshSize int
-	settle   time.Duration
+
+	brokerBin     string
+	restartSignal string
+	settle        time.Duration
 
 	brokerPID   int
 	metricsURL  string
@@ -112,7 +123,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.idle, "idle", 0, "idle mode: hold N authenticated idle sockets")
 	fs.DurationVar(&o.hold, "hold", 30*time.Second, "idle mode: how long to hold the sockets")
 	fs.IntVar(&o.reattach, "reattach", 0, "reattach mode: put N leases in grace and reattach them")
-	fs.IntVar(&o.meshSize, "mesh-size", 100, "idle/reattach modes: members per mesh (each join is announced to the whole mesh)")
+	fs.IntVar(&o.restart, "restart", 0, "restart mode: restart the broker under N peers and reattach them")
+	fs.StringVar(&o.brokerBin, "broker-bin", "", "restart mode: the broker binary meshload starts and restarts")
+	fs.StringVar(&o.restartSignal, "restart-signal", "TERM", "restart mode: TERM (graceful) or KILL (crash)")
+	fs.IntVar(&o.meshSize, "mesh-size", 100, "idle/reattach/restart modes: members per mesh (each join is announced to the whole mesh)")
 	fs.DurationVar(&o.settle, "settle", 3*time.Second, "idle/reattach modes: pause before measuring, for the broker to settle")
 
 	fs.IntVar(&o.brokerPID, "broker-pid", 0, "sample this process's VmRSS and open fds from /proc")
@@ -132,9 +146,13 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("one of --database-url or --data-dir is required to seed the mesh")
 	case o.databaseURL != "" && !strings.HasPrefix(o.databaseURL, "postgres://") && !strings.HasPrefix(o.databaseURL, "postgresql://"):
 		return o, fmt.Errorf("--database-url must start with postgres:// or postgresql://")
-	case o.idle > 0 && o.reattach > 0:
-		return o, fmt.Errorf("--idle and --reattach are separate modes")
-	case o.idle == 0 && o.reattach == 0 && o.peers < 2:
+	case (o.idle > 0) && (o.reattach > 0) || (o.idle > 0 || o.reattach > 0) && o.restart > 0:
+		return o, fmt.Errorf("--idle, --reattach and --restart are separate modes")
+	case o.restart > 0 && o.brokerBin == "":
+		return o, fmt.Errorf("--restart needs --broker-bin")
+	case o.restartSignal != "TERM" && o.restartSignal != "KILL":
+		return o, fmt.Errorf("--restart-signal must be TERM or KILL")
+	case o.idle == 0 && o.reattach == 0 && o.restart == 0 && o.peers < 2:
 		return o, fmt.Errorf("--peers must be at least 2")
 	case o.messages < 0:
 		return o, fmt.Errorf("--messages must not be negative")
@@ -180,6 +198,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runIdle(ctx, o, stdout, logf)
 	case o.reattach > 0:
 		err = runReattach(ctx, o, stdout, logf)
+	case o.restart > 0:
+		err = runRestart(ctx, o, stdout, logf)
 	default:
 		err = runMessages(ctx, o, stdout, logf)
 	}
