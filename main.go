@@ -185,6 +185,9 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 	if _, err := b.presence.RestoreLeases(ctx); err != nil {
 		return nil, err
 	}
+	if err := b.realtime.RestoreState(ctx); err != nil {
+		return nil, err
+	}
 	ln, err := net.Listen("tcp", cfg.Addr())
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)

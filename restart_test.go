@@ -269,6 +269,13 @@ func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
 	for range joins {
 		waitFrame(t, observer, 10*time.Second, func(fr client.Frame) bool { return isEvent("peer_joined")(fr) || isEvent("peer_returned")(fr) })
 	}
+	// A hosts an MCP server: its entry follows the lease.
+	rtRegister(t, peers[0].c, "X", false)
+	waitFor(t, 20*time.Second, "MCP entry persisted", func() bool {
+		var n int64
+		db.Raw("SELECT count(*) FROM "+db.Table("meshbroker_realtime")+" WHERE kind = 'mcp' AND presence_id = ?", peers[0].pid).Scan(&n)
+		return n == 1
+	})
 	// One session is already in grace when the broker goes away.
 	inGrace := peers[1]
 	inGrace.c.Kill()
@@ -296,6 +303,10 @@ func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
 	obs := dialChild(t, second, f.c, client.Options{SessionID: "observer"})
 	if obs.HelloAck.PresenceID != observer.HelloAck.PresenceID {
 		t.Fatalf("observer got presence %s, want %s", obs.HelloAck.PresenceID, observer.HelloAck.PresenceID)
+	}
+	// A call to the MCP server of a host not back yet fails at once (R3).
+	if res := rtCallNow(t, obs, "X"); !strings.HasPrefix(res.Error, "host_unavailable") {
+		t.Fatalf("call to a restored host in grace: %+v", res)
 	}
 	// A DM to a peer that has not reconnected yet is queued, not refused.
 	target := peers[0]

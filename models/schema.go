@@ -349,6 +349,19 @@ const pgMeshbrokerNode = `CREATE TABLE IF NOT EXISTS mesh.meshbroker_node (
 	state text NOT NULL
 )`
 
+// meshbroker_realtime is ours: the extras that follow a lease across a
+// restart (URL watches, stream subscriptions, MCP registry entries, mesh
+// clocks), one row each, rewritten per mesh by the realtime service.
+const pgMeshbrokerRealtime = `CREATE TABLE IF NOT EXISTS mesh.meshbroker_realtime (
+	mesh_id text NOT NULL,
+	kind text NOT NULL,
+	key text NOT NULL,
+	presence_id text,
+	body jsonb NOT NULL,
+	updated_at timestamp DEFAULT now() NOT NULL,
+	PRIMARY KEY (mesh_id, kind, key)
+)`
+
 // postgresTables is in creation order: every table after the ones it references.
 func postgresTables() []tableDDL {
 	return []tableDDL{
@@ -415,6 +428,7 @@ func postgresTables() []tableDDL {
 			`CREATE INDEX IF NOT EXISTS meshbroker_lease_owner_idx ON mesh.meshbroker_lease (owner_node_id)`,
 		}},
 		{"meshbroker_node", pgMeshbrokerNode, nil},
+		{"meshbroker_realtime", pgMeshbrokerRealtime, nil},
 	}
 }
 
@@ -705,6 +719,16 @@ const sqliteMeshbrokerNode = `CREATE TABLE IF NOT EXISTS meshbroker_node (
 	state TEXT NOT NULL
 )`
 
+const sqliteMeshbrokerRealtime = `CREATE TABLE IF NOT EXISTS meshbroker_realtime (
+	mesh_id TEXT NOT NULL,
+	kind TEXT NOT NULL,
+	key TEXT NOT NULL,
+	presence_id TEXT,
+	body TEXT NOT NULL CHECK (json_valid(body)),
+	updated_at DATETIME NOT NULL DEFAULT {now},
+	PRIMARY KEY (mesh_id, kind, key)
+)`
+
 // sqliteNow is the SQLite default for timestamp columns. strftime's %f gives
 // milliseconds ("SS.SSS"); the literal 000 pads to SQLiteTimeLayout's six
 // digits so defaults and Go-written times have the same width.
@@ -775,6 +799,7 @@ func sqliteTables() []tableDDL {
 			`CREATE INDEX IF NOT EXISTS meshbroker_lease_owner_idx ON meshbroker_lease (owner_node_id)`,
 		}},
 		{"meshbroker_node", sqliteMeshbrokerNode, nil},
+		{"meshbroker_realtime", sqliteMeshbrokerRealtime, nil},
 	}
 	for i := range tables {
 		tables[i].create = expandSQLite(tables[i].create)
