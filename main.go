@@ -188,6 +188,11 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 	if err := b.realtime.RestoreState(ctx); err != nil {
 		return nil, err
 	}
+	if n, err := b.queue.ReleaseOrphanedClaims(ctx); err != nil {
+		return nil, err
+	} else if n > 0 {
+		logger.Info("released queue claims of the previous process", "rows", n)
+	}
 	ln, err := net.Listen("tcp", cfg.Addr())
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)

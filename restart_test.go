@@ -19,6 +19,7 @@ import (
 	"github.com/claudemesh/meshbroker/client"
 	"github.com/claudemesh/meshbroker/models"
 	"github.com/claudemesh/meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/protocol"
 )
 
 // Durable leases across a real process restart (issue 16): the broker binary
@@ -285,6 +286,18 @@ func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
 		return len(states) == 1 && states[0] == "grace"
 	})
 
+	// A DM pushed to an online peer just before a crash, never confirmed
+	// (no client_ack, no pong to a later ping yet), is pushed again on its
+	// reattach (M3), not held back by the dead process's claim.
+	pushedBeforeCrash := peers[2]
+	var unconfirmed protocol.Ack
+	if sig == syscall.SIGKILL {
+		unconfirmed = dm(t, observer, client.Session{Key: f.c.Key}, *pushedBeforeCrash.opts.Session, "now", "just before the crash")
+		if p := decodePush(t, waitFrame(t, pushedBeforeCrash.c, 10*time.Second, isMessage)); p.MessageID != unconfirmed.MessageID {
+			t.Fatalf("pushed %s, want %s", p.MessageID, unconfirmed.MessageID)
+		}
+	}
+
 	first.stop(sig)
 	if sig == syscall.SIGTERM {
 		for _, c := range []*client.Client{observer, ghost, peers[0].c} {
@@ -332,6 +345,12 @@ func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
 			t.Fatalf("%s got presence %s, want %s (ack %s)", p.name, c.HelloAck.PresenceID, p.pid, c.AckRaw)
 		}
 		p.c = c
+	}
+	if sig == syscall.SIGKILL {
+		p := decodePush(t, waitFrame(t, pushedBeforeCrash.c, 10*time.Second, isMessage))
+		if p.MessageID != unconfirmed.MessageID {
+			t.Fatalf("after the crash pushed %s, want the unconfirmed %s again", p.MessageID, unconfirmed.MessageID)
+		}
 	}
 	got := decodePush(t, waitFrame(t, target.c, 10*time.Second, isMessage))
 	if got.MessageID != ack.MessageID {
