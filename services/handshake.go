@@ -640,6 +640,12 @@ func (p *PresenceService) announceJoin(c *Conn, name string, groups []protocol.G
 // matched.
 func (p *PresenceService) reattach(ctx context.Context, out Outbox, in *helloInput, name string, policy *protocol.MeshPolicy, profile *protocol.MemberProfile, services *[]protocol.ServiceInfo) (*Conn, error) {
 	p.mu.Lock()
+	if p.shutdown {
+		// The leases are being handed to the next process: a reattach now
+		// would be lost with this one. The edge closes with a retryable code.
+		p.mu.Unlock()
+		return nil, errShuttingDown
+	}
 	c := p.findReattachLocked(in)
 	if c == nil {
 		p.mu.Unlock()

@@ -3,6 +3,7 @@ package services
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -60,6 +61,10 @@ type leaseStore struct {
 	writeMu  sync.Mutex
 	lastBeat time.Time // guarded by writeMu
 }
+
+// errShuttingDown refuses a hello that arrives while shutdown hands the
+// leases to the next process.
+var errShuttingDown = errors.New("broker is shutting down")
 
 // leaseHeartbeat is how often the owning process stamps meshbroker_node.
 const leaseHeartbeat = 5 * time.Second
