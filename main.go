@@ -166,6 +166,12 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 	b.queue = services.NewQueueService(cfg, db, logger, b.metrics, now)
 	b.messaging = services.NewMessagingService(cfg, logger, b.metrics, now, b.presence, b.queue, b.status, members, b.audit)
 	b.realtime = services.NewRealtime(cfg, db, logger, b.metrics, now, b.presence, b.audit)
+	started := false
+	defer func() {
+		if !started {
+			b.realtime.Close() // its persistence loop runs from construction
+		}
+	}()
 	b.server = handlers.New(cfg, logger, handlers.Services{
 		Presence: b.presence, Messaging: b.messaging, Status: b.status, Health: b.health, Audit: b.audit, Realtime: b.realtime, Metrics: b.metrics,
 		Ready: func(ctx context.Context) error {
@@ -198,6 +204,7 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)
 	}
 	b.ln = ln
+	started = true
 	b.audit.Start()
 	b.queue.Start()
 	b.health.Check(context.Background())
