@@ -465,22 +465,25 @@ func (p *PresenceService) evict(c *Conn, reason EvictReason, announce bool) bool
 }
 
 // afterRemoval is evictPresenceFully after the registry removal (01 §7.4):
-// peer_left, the presence row, audit, then every registered cleanup. The
-// cleanups run even when the database steps fail.
+// the presence and lease rows, peer_left, audit, then every registered
+// cleanup. The rows are ended before peer_left goes out, so a peer that
+// lists peers on hearing it no longer finds the departed one (and a crash
+// after the announcement cannot restore the lease and announce it twice).
+// The cleanups run even when the database steps fail.
 func (p *PresenceService) afterRemoval(c *Conn, reason EvictReason, announce bool) {
 	p.metrics.Evictions.WithLabelValues(string(reason)).Inc()
 	p.mu.RLock()
 	name := c.displayName
 	p.mu.RUnlock()
-	if announce {
-		f := protocol.MustEncode(protocol.NewSystemPush(c.MeshID, "peer_left", "low",
-			protocol.PeerEvent{Name: name, Pubkey: c.RoutingPubkey()}, protocol.ISO(p.now())))
-		p.Broadcast(c.MeshID, f, func(v PeerView) bool { return v.Conn.MemberPubkey != c.MemberPubkey })
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := p.markDisconnected(ctx, []string{c.PresenceID}); err != nil {
 		p.log.Error("mark presence disconnected", "presence_id", c.PresenceID, "err", err)
+	}
+	if announce {
+		f := protocol.MustEncode(protocol.NewSystemPush(c.MeshID, "peer_left", "low",
+			protocol.PeerEvent{Name: name, Pubkey: c.RoutingPubkey()}, protocol.ISO(p.now())))
+		p.Broadcast(c.MeshID, f, func(v PeerView) bool { return v.Conn.MemberPubkey != c.MemberPubkey })
 	}
 	if announce {
 		p.audit.Record(c.MeshID, "peer_left", c.MemberID, name, map[string]any{})
