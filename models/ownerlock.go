@@ -38,14 +38,17 @@ const ownerLockPoll = 100 * time.Millisecond
 type OwnerLock struct {
 	file *os.File // SQLite
 	conn *sql.Conn
+	db   *DB // Postgres: to take a new connection if the session ends
+	log  *slog.Logger
 }
 
 // AcquireOwnerLock blocks until this process owns db's leases or ctx ends.
 // It logs once when it has to wait, and again when it got the lock.
 func AcquireOwnerLock(ctx context.Context, db *DB, dataDir string, log *slog.Logger) (*OwnerLock, error) {
-	l := &OwnerLock{}
+	l := &OwnerLock{log: log}
 	try := l.tryFile
 	if db.IsPostgres() {
+		l.db = db
 		sqlDB, err := db.SQLDB()
 		if err != nil {
 			return nil, err
@@ -106,21 +109,36 @@ func (l *OwnerLock) tryAdvisory(ctx context.Context) (bool, error) {
 	return ok, nil
 }
 
-// Check confirms the lock is still held: on Postgres, that the session
-// holding it is alive (a server restart ends the session and its lock).
+// Check confirms the lock is still held on Postgres (a server restart ends
+// the session that held it). A lost lock is taken again on a new
+// connection when nobody else took it meanwhile; the error says when that
+// failed, and then another broker may own the leases.
 func (l *OwnerLock) Check(ctx context.Context) error {
-	if l == nil || l.conn == nil {
+	if l == nil || l.db == nil {
 		return nil
 	}
 	var held bool
 	err := l.conn.QueryRowContext(ctx, "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted"+
 		" AND objid = ($1::bigint & 4294967295)::oid AND classid = ($1::bigint >> 32)::oid)", ownerLockKey).Scan(&held)
+	if err == nil && held {
+		return nil
+	}
+	_ = l.conn.Close()
+	sqlDB, err := l.db.SQLDB()
 	if err != nil {
-		return fmt.Errorf("owner lock: check: %w", err)
+		return err
 	}
-	if !held {
-		return errors.New("owner lock: no longer held")
+	if l.conn, err = sqlDB.Conn(ctx); err != nil {
+		return fmt.Errorf("owner lock lost; reconnect: %w", err)
 	}
+	ok, err := l.tryAdvisory(ctx)
+	if err != nil {
+		return fmt.Errorf("owner lock lost; retake: %w", err)
+	}
+	if !ok {
+		return errors.New("owner lock lost and taken by another broker")
+	}
+	l.log.Warn("owner lock was lost (database session ended) and is held again")
 	return nil
 }
 
@@ -134,6 +152,7 @@ func (l *OwnerLock) Release() {
 		_ = l.file.Close()
 		l.file = nil
 	}
+	l.db = nil
 	if l.conn != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_, _ = l.conn.ExecContext(ctx, "SELECT pg_advisory_unlock($1)", ownerLockKey)
