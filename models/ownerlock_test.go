@@ -92,7 +92,7 @@ func TestOwnerLockOneOwnerAtATime(t *testing.T) {
 			// lock again on a new connection.
 			// Only this test's database and key: pg_locks lists the whole
 			// cluster, which other tests share.
-			if err := first.Exec("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "+ownLocks).Error; err != nil {
+			if err := first.Exec("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE " + ownLocks).Error; err != nil {
 				t.Fatal(err)
 			}
 			if err := l2.Check(ctxT(t)); err != nil {
