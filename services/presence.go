@@ -34,6 +34,11 @@ import (
 // if the socket it checked still holds it, deciding that and removing it
 // in one critical section.
 //
+// Durable leases (leases.go): dirty, the set of entries whose
+// meshbroker_lease row needs a rewrite, is guarded by mu too; marking an
+// entry is the only lease work a hot path does, and the batched flush
+// writes without the lock.
+//
 // Hooks (attach, detach, evict) are registered during wiring, before the
 // first socket, and are read-only afterwards.
 type PresenceService struct {
