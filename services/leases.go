@@ -337,6 +337,17 @@ func (p *PresenceService) RestoreLeases(ctx context.Context) (int, error) {
 		r := &rows[i]
 		p.status.TrackRestored(r.PresenceID, r.Status, r.StatusSource, r.StatusUpdatedAt)
 	}
+	// The member rows were read with the leases just now: the checks that
+	// follow the reattaches (recheckMember) find them in the directory's
+	// cache, as fresh as its TTL allows, instead of a thousand queries
+	// racing the reconnect storm.
+	p.mu.RLock()
+	for _, c := range p.conns {
+		if c.member != nil {
+			p.members.Remember(c.member, now)
+		}
+	}
+	p.mu.RUnlock()
 	if len(rows) > 0 {
 		p.log.Info("leases restored", "count", len(rows), "held_at_clean_stop", held, "left_by_crash", crashed,
 			"lease_ms", p.cfg.LeaseTTL.Milliseconds(), "node", p.leases.nodeID, "epoch", p.leases.epoch)
