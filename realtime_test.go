@@ -1393,3 +1393,47 @@ func TestRealtimeRestartKeepsEverything(t *testing.T) {
 		br2.none(0, ev, isEvent(ev))
 	}
 }
+
+// A restored lease nobody claims gets the full eviction cleanup when its
+// window ends: its watch and subscription go, its plain MCP server goes
+// and its persistent one waits offline, and the clock pauses once the mesh
+// is empty.
+func TestRealtimeRestoredLeaseEvictionCleansUp(t *testing.T) {
+	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, time.Second })
+	f := b.fixture()
+	target := rtServe(t, 200, "v1")
+	sess := client.NewSession()
+	a := b.connect(f.a, client.Options{Session: &sess, SessionID: "a1"})
+	w := rtDecode[protocol.WatchAck](t, rtDo(t, a, map[string]any{"type": "watch", "url": target.url(), "interval": 3600}))
+	rtBaseline(t, a, w.WatchID)
+	rtDo(t, a, map[string]any{"type": "create_stream", "name": "S"})
+	rtDo(t, a, map[string]any{"type": "subscribe", "stream": "S"})
+	rtRegister(t, a, "X", false)
+	rtRegister(t, a, "Y", true)
+	rtClock(t, a, map[string]any{"type": "set_clock", "speed": 100})
+	b.stop()
+
+	b2 := reopen(t, b)
+	mesh := &services.Conn{MeshID: f.meshID}
+	if !b2.realtime.ForTest().HasWatch(w.WatchID) || len(b2.realtime.ListMCP(mesh)) != 2 || b2.realtime.GetClock(mesh).Paused {
+		t.Fatal("extras not restored with the lease")
+	}
+	waitFor(t, 20*time.Second, "restored lease expired", func() bool { return b2.presence.MeshCount(f.meshID) == 0 })
+	waitFor(t, 5*time.Second, "eviction cleanup", func() bool {
+		list := b2.realtime.ListMCP(mesh)
+		return !b2.realtime.ForTest().HasWatch(w.WatchID) && len(list) == 1 && list[0].Name == "Y" && !list[0].Online && b2.realtime.GetClock(mesh).Paused
+	})
+	streams := rtDecode[protocol.StreamList](t, rtDo(t, b2.connect(f.b, client.Options{}), map[string]any{"type": "list_streams"}))
+	found := false
+	for _, s := range streams.Streams {
+		if s.Name == "S" {
+			found = true
+			if s.SubscriberCount != 0 {
+				t.Fatalf("subscription survived the eviction: %+v", s)
+			}
+		}
+	}
+	if !found {
+		t.Fatalf("stream S not listed: %+v", streams)
+	}
+}
