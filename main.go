@@ -58,8 +58,12 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		logger.Error("start", "err", err)
 		return 1
 	}
-	<-ctx.Done()
-	logger.Info("shutdown signal")
+	select {
+	case <-ctx.Done():
+		logger.Info("shutdown signal")
+	case <-b.owner.Lost():
+		logger.Error("another broker took over this database's leases; stopping")
+	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if err := b.Close(shutdownCtx); err != nil {

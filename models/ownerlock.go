@@ -40,12 +40,13 @@ type OwnerLock struct {
 	conn *sql.Conn
 	db   *DB // Postgres: to take a new connection if the session ends
 	log  *slog.Logger
+	lost chan struct{} // closed when another broker took the lock
 }
 
 // AcquireOwnerLock blocks until this process owns db's leases or ctx ends.
 // It logs once when it has to wait, and again when it got the lock.
 func AcquireOwnerLock(ctx context.Context, db *DB, dataDir string, log *slog.Logger) (*OwnerLock, error) {
-	l := &OwnerLock{log: log}
+	l := &OwnerLock{log: log, lost: make(chan struct{})}
 	try := l.tryFile
 	if db.IsPostgres() {
 		l.db = db
@@ -117,6 +118,14 @@ func (l *OwnerLock) Check(ctx context.Context) error {
 	if l == nil || l.db == nil {
 		return nil
 	}
+	select {
+	case <-l.lost:
+		return errors.New("owner lock taken by another broker")
+	default:
+	}
+	if l.conn == nil {
+		return l.retake(ctx)
+	}
 	var held bool
 	err := l.conn.QueryRowContext(ctx, "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted"+
 		" AND objid = ($1::bigint & 4294967295)::oid AND classid = ($1::bigint >> 32)::oid)", ownerLockKey).Scan(&held)
@@ -124,22 +133,40 @@ func (l *OwnerLock) Check(ctx context.Context) error {
 		return nil
 	}
 	_ = l.conn.Close()
+	l.conn = nil
+	return l.retake(ctx)
+}
+
+// retake takes the lock again on a new connection after its session ended.
+func (l *OwnerLock) retake(ctx context.Context) error {
 	sqlDB, err := l.db.SQLDB()
 	if err != nil {
 		return err
 	}
-	if l.conn, err = sqlDB.Conn(ctx); err != nil {
+	conn, err := sqlDB.Conn(ctx)
+	if err != nil {
 		return fmt.Errorf("owner lock lost; reconnect: %w", err)
 	}
+	l.conn = conn
 	ok, err := l.tryAdvisory(ctx)
 	if err != nil {
 		return fmt.Errorf("owner lock lost; retake: %w", err)
 	}
 	if !ok {
+		close(l.lost)
 		return errors.New("owner lock lost and taken by another broker")
 	}
 	l.log.Warn("owner lock was lost (database session ended) and is held again")
 	return nil
+}
+
+// Lost is closed when Check found the lock taken by another broker: this
+// process must stop serving, or peers would split across two owners.
+func (l *OwnerLock) Lost() <-chan struct{} {
+	if l == nil {
+		return nil
+	}
+	return l.lost
 }
 
 // Release lets the next broker in. Safe on nil and more than once.

@@ -103,6 +103,36 @@ func TestOwnerLockOneOwnerAtATime(t *testing.T) {
 			if n != 1 {
 				t.Fatalf("%d advisory locks held after the retake, want 1", n)
 			}
+			// If a waiting broker gets in first, the lock is lost for good
+			// and Lost tells the holder to stop serving.
+			sink3 := &logSink{msgs: make(chan string, 16)}
+			got3 := make(chan *models.OwnerLock, 1)
+			go func() {
+				l3, err := models.AcquireOwnerLock(context.Background(), open(), dir, slog.New(sink3))
+				if err != nil {
+					t.Error(err)
+				}
+				got3 <- l3
+			}()
+			<-sink3.msgs // it waits
+			if err := first.Exec("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE " + ownLocks).Error; err != nil {
+				t.Fatal(err)
+			}
+			var l3 *models.OwnerLock
+			select {
+			case l3 = <-got3:
+			case <-time.After(20 * time.Second):
+				t.Fatal("the waiter did not get the lock of the ended session")
+			}
+			defer l3.Release()
+			if err := l2.Check(ctxT(t)); err == nil {
+				t.Fatal("Check passed with the lock held by another broker")
+			}
+			select {
+			case <-l2.Lost():
+			default:
+				t.Fatal("Lost not closed")
+			}
 		}
 		l2.Release()
 	case <-time.After(20 * time.Second):
