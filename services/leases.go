@@ -40,7 +40,10 @@ import (
 //     loses at most the last interval of these changes, which costs a
 //     presentation detail or the online/grace flag (both restore the same);
 //   - removal deletes the row in the statement that marks the presence
-//     disconnected, so an evicted lease is never restored;
+//     disconnected (before peer_left goes out would delay the leave behind
+//     a database write, letting a fresh hello's join overtake it; so the
+//     leave goes first, as in the reference), so an evicted lease is never
+//     restored;
 //   - HoldForNextProcess (shutdown) flushes and marks the rows held; presence
 //     rows stay live (no disconnected_at).
 //
@@ -49,10 +52,11 @@ import (
 // registers each as an offline lease with a full window from now.
 //
 // Concurrency: dirty is guarded by PresenceService.mu like the registry.
-// writeMu orders a batched rewrite against the deletes of removals: a flush
-// copies the dirty entries that are still registered and writes them while
-// holding writeMu, and a removal (which leaves the registry first) deletes
-// its row under writeMu, so a rewrite can never resurrect a deleted row.
+// A flush copies the dirty entries that are still registered and writes
+// them without the lock, as updates only, so a removal deleting its row
+// meanwhile needs no coordination: the rewrite finds nothing to update and
+// can never resurrect the row. writeMu serializes flushes (the job and
+// HoldForNextProcess).
 // nodeID and epoch are set by RestoreLeases before the first socket and are
 // read-only afterwards.
 type leaseStore struct {
@@ -83,6 +87,22 @@ var leaseColumns = []string{
 var leaseUpdated = []string{
 	"session_id", "display_name", "cwd", "hostname", "peer_type", "channel", "model", "visible", "profile", "stats",
 	"attestation_expires_at", "lease_state", "lease_until", "owner_node_id", "owner_epoch", "updated_at",
+}
+
+// leaseColumnIndex is each column's position in leaseColumns.
+var leaseColumnIndex = func() map[string]int {
+	m := make(map[string]int, len(leaseColumns))
+	for i, c := range leaseColumns {
+		m[c] = i
+	}
+	return m
+}()
+
+// leaseColumnTypes are the Postgres types of the rewritten columns.
+var leaseColumnTypes = map[string]string{
+	"presence_id": "text", "session_id": "text", "display_name": "text", "cwd": "text", "hostname": "text", "peer_type": "text",
+	"channel": "text", "model": "text", "visible": "boolean", "profile": "jsonb", "stats": "jsonb", "attestation_expires_at": "timestamp",
+	"lease_state": "text", "lease_until": "timestamp", "owner_node_id": "text", "owner_epoch": "bigint", "updated_at": "timestamp",
 }
 
 // Lease states in meshbroker_lease.lease_state.
@@ -156,8 +176,6 @@ func (p *PresenceService) endPresenceRows(ctx context.Context, ids []string) err
 	if len(ids) == 0 {
 		return nil
 	}
-	p.leases.writeMu.Lock()
-	defer p.leases.writeMu.Unlock()
 	now := p.now().UTC()
 	mark := "UPDATE " + p.db.Table("presence") + " SET disconnected_at = ? WHERE id IN ? AND disconnected_at IS NULL"
 	drop := "DELETE FROM " + p.db.Table("meshbroker_lease") + " WHERE presence_id IN ?"
@@ -191,7 +209,7 @@ func (p *PresenceService) FlushLeases(ctx context.Context) error {
 	p.mu.Unlock()
 	for len(rows) > 0 {
 		n := min(len(rows), leaseBatchRows)
-		if err := p.upsertLeases(ctx, rows[:n]); err != nil {
+		if err := p.rewriteLeases(ctx, rows[:n]); err != nil {
 			p.mu.Lock()
 			for _, r := range rows {
 				p.dirty[r[0].(string)] = struct{}{}
@@ -210,25 +228,41 @@ func (p *PresenceService) FlushLeases(ctx context.Context) error {
 	return nil
 }
 
-func (p *PresenceService) upsertLeases(ctx context.Context, rows [][]any) error {
+// rewriteLeases updates existing lease rows from rows (in leaseColumns
+// order). It never inserts: a row that a removal deleted meanwhile stays
+// deleted, so removals need no lock against it.
+func (p *PresenceService) rewriteLeases(ctx context.Context, rows [][]any) error {
+	cols := append([]string{"presence_id"}, leaseUpdated...)
 	var b strings.Builder
-	b.WriteString("INSERT INTO " + p.db.Table("meshbroker_lease") + " (" + strings.Join(leaseColumns, ", ") + ") VALUES ")
-	row := "(" + placeholders(len(leaseColumns)) + ")"
-	args := make([]any, 0, len(rows)*len(leaseColumns))
+	b.WriteString("WITH v (" + strings.Join(cols, ", ") + ") AS (VALUES ")
+	args := make([]any, 0, len(rows)*len(cols))
 	for i, r := range rows {
 		if i > 0 {
 			b.WriteString(", ")
 		}
-		b.WriteString(row)
-		args = append(args, r...)
+		b.WriteString("(")
+		for j, col := range cols {
+			if j > 0 {
+				b.WriteString(", ")
+			}
+			b.WriteString("?")
+			if p.db.IsPostgres() {
+				// VALUES outside an INSERT does not take the target's types.
+				b.WriteString("::" + leaseColumnTypes[col])
+			}
+			args = append(args, r[leaseColumnIndex[col]])
+		}
+		b.WriteString(")")
 	}
-	b.WriteString(" ON CONFLICT (presence_id) DO UPDATE SET ")
+	tbl := p.db.Table("meshbroker_lease")
+	b.WriteString(") UPDATE " + tbl + " SET ")
 	for i, col := range leaseUpdated {
 		if i > 0 {
 			b.WriteString(", ")
 		}
-		b.WriteString(col + " = excluded." + col)
+		b.WriteString(col + " = v." + col)
 	}
+	b.WriteString(" FROM v WHERE " + tbl + ".presence_id = v.presence_id")
 	if !p.db.IsPostgres() {
 		return p.db.WithContext(ctx).Exec(b.String(), args...).Error
 	}

@@ -470,25 +470,25 @@ func (p *PresenceService) evict(c *Conn, reason EvictReason, announce bool) bool
 }
 
 // afterRemoval is evictPresenceFully after the registry removal (01 §7.4):
-// the presence and lease rows, peer_left, audit, then every registered
-// cleanup. The rows are ended before peer_left goes out, so a peer that
-// lists peers on hearing it no longer finds the departed one (and a crash
-// after the announcement cannot restore the lease and announce it twice).
-// The cleanups run even when the database steps fail.
+// peer_left, the presence and lease rows, audit, then every registered
+// cleanup. peer_left goes out first, with no I/O before it: a fresh hello
+// of the same key, which can start as soon as the entry left the registry,
+// needs database round trips before its join, so the leave always
+// precedes the join. The cleanups run even when the database steps fail.
 func (p *PresenceService) afterRemoval(c *Conn, reason EvictReason, announce bool) {
 	p.metrics.Evictions.WithLabelValues(string(reason)).Inc()
 	p.mu.RLock()
 	name := c.displayName
 	p.mu.RUnlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := p.markDisconnected(ctx, []string{c.PresenceID}); err != nil {
-		p.log.Error("mark presence disconnected", "presence_id", c.PresenceID, "err", err)
-	}
 	if announce {
 		f := protocol.MustEncode(protocol.NewSystemPush(c.MeshID, "peer_left", "low",
 			protocol.PeerEvent{Name: name, Pubkey: c.RoutingPubkey()}, protocol.ISO(p.now())))
 		p.Broadcast(c.MeshID, f, func(v PeerView) bool { return v.Conn.MemberPubkey != c.MemberPubkey })
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.markDisconnected(ctx, []string{c.PresenceID}); err != nil {
+		p.log.Error("mark presence disconnected", "presence_id", c.PresenceID, "err", err)
 	}
 	if announce {
 		p.audit.Record(c.MeshID, "peer_left", c.MemberID, name, map[string]any{})
