@@ -477,8 +477,8 @@ func TestOversizeFrame(t *testing.T) {
 	}
 }
 
-// 01 §14 scenario 18: shutdown marks rows, closes sockets with 1001, sends
-// no peer_left, and leaves no goroutine behind.
+// 01 §14 scenario 18 with S2: shutdown keeps the rows as leases, closes
+// sockets with 1001, sends no peer_left, and leaves no goroutine behind.
 func TestShutdown(t *testing.T) {
 	base := runtime.NumGoroutine()
 	b := startTestBroker(t)
@@ -508,11 +508,23 @@ func TestShutdown(t *testing.T) {
 		t.Fatal("peer_left at shutdown")
 	}
 	goroutinesSettle(t, base, 10)
+	// S2: the rows are kept as leases for the next process, which restores
+	// them as offline leases.
 	db := reopen(t, b)
 	var n int64
 	db.query(&n, "SELECT count(*) FROM {presence} WHERE disconnected_at IS NULL")
-	if n != 0 {
-		t.Fatalf("%d presence rows still live after shutdown", n)
+	if n != 2 {
+		t.Fatalf("%d presence rows live after shutdown, want the 2 held as leases", n)
+	}
+	var states []string
+	db.query(&states, "SELECT state FROM "+db.db.Table("meshbroker_node")+" ORDER BY epoch")
+	if len(states) != 2 || states[0] != "stopped" || states[1] != "running" {
+		t.Fatalf("node states %v, want [stopped running]", states)
+	}
+	for _, id := range []string{a.HelloAck.PresenceID, bob.HelloAck.PresenceID} {
+		if c := db.presence.Get(id); c == nil || db.presence.Online(c) {
+			t.Fatalf("presence %s not restored as an offline lease", id)
+		}
 	}
 }
 

@@ -59,8 +59,12 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		logger.Error("start", "err", err)
 		return 1
 	}
-	<-ctx.Done()
-	logger.Info("shutdown signal")
+	select {
+	case <-ctx.Done():
+		logger.Info("shutdown signal")
+	case <-b.owner.Lost():
+		logger.Error("another broker took over this database's leases; stopping")
+	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if err := b.Close(shutdownCtx); err != nil {
@@ -105,6 +109,7 @@ type broker struct {
 	realtime  *services.Realtime
 	toolbox   *toolbox.Toolbox
 	server    *handlers.Server
+	owner     *models.OwnerLock // this process owns the database's leases while it holds it
 	ln        net.Listener
 
 	now       func() time.Time
@@ -132,8 +137,16 @@ func startBrokerWithClock(ctx context.Context, cfg config.Config, logger *slog.L
 		db.Close()
 		return nil, err
 	}
-	b, err := newBroker(cfg, logger, db, now)
+	// One owner of the leases at a time: a second broker on this database
+	// waits here, before it restores or listens, until the first has gone.
+	owner, err := models.AcquireOwnerLock(ctx, db, cfg.DataDir, logger)
 	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	b, err := newBroker(ctx, cfg, logger, db, owner, now)
+	if err != nil {
+		owner.Release()
 		db.Close()
 		return nil, err
 	}
@@ -141,8 +154,8 @@ func startBrokerWithClock(ctx context.Context, cfg config.Config, logger *slog.L
 }
 
 // newBroker wires services on an open, bootstrapped database and listens.
-func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB, now func() time.Time) (*broker, error) {
-	b := &broker{cfg: cfg, log: logger, db: db, metrics: services.NewMetrics(), served: make(chan error, 1), now: now}
+func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *models.DB, owner *models.OwnerLock, now func() time.Time) (*broker, error) {
+	b := &broker{cfg: cfg, log: logger, db: db, owner: owner, metrics: services.NewMetrics(), served: make(chan error, 1), now: now}
 	b.health = services.NewHealthService(db, logger, b.metrics, cfg.DBHealthInterval)
 	b.audit = services.NewAuditService(db, logger, b.metrics, now)
 	members := services.NewMemberDirectory(db, now, cfg.MemberCacheTTL)
@@ -160,6 +173,12 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB, now func()
 	b.messaging = services.NewMessagingService(cfg, logger, b.metrics, now, b.presence, b.queue, b.status, members, b.audit)
 	b.realtime = services.NewRealtime(cfg, db, logger, b.metrics, now, b.presence, b.audit)
 	b.toolbox = newToolbox(cfg, logger, db, now, b, members)
+	started := false
+	defer func() {
+		if !started {
+			b.realtime.Close() // its persistence loop runs from construction
+		}
+	}()
 	b.server = handlers.New(cfg, logger, handlers.Services{
 		Presence: b.presence, Messaging: b.messaging, Status: b.status, Health: b.health, Audit: b.audit, Realtime: b.realtime, Toolbox: b.toolbox, Metrics: b.metrics,
 		Invites:   services.NewInviteService(db, now, members),
@@ -179,11 +198,23 @@ func newBroker(cfg config.Config, logger *slog.Logger, db *models.DB, now func()
 		},
 	}, now)
 
+	if _, err := b.presence.RestoreLeases(ctx); err != nil {
+		return nil, err
+	}
+	if err := b.realtime.RestoreState(ctx); err != nil {
+		return nil, err
+	}
+	if n, err := b.queue.ReleaseOrphanedClaims(ctx); err != nil {
+		return nil, err
+	} else if n > 0 {
+		logger.Info("released queue claims of the previous process", "rows", n)
+	}
 	ln, err := net.Listen("tcp", cfg.Addr())
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)
 	}
 	b.ln = ln
+	started = true
 	b.audit.Start()
 	b.queue.Start()
 	b.toolbox.Start()
@@ -227,6 +258,8 @@ func (b *broker) startJobs(ctx context.Context) {
 	b.jobs.Add(1)
 	go func() { defer b.jobs.Done(); b.health.Run(ctx) }()
 	b.every(ctx, "pong flush", max(cfg.PingInterval/3, time.Millisecond), b.presence.FlushPongs)
+	b.every(ctx, "lease flush", cfg.LeaseFlush, b.presence.FlushLeases)
+	b.every(ctx, "owner lock check", 5*time.Second, b.owner.Check)
 	b.every(ctx, "stale presence sweep", cfg.StaleSweep, func(ctx context.Context) error { _, err := b.presence.SweepStale(ctx); return err })
 	b.every(ctx, "stale pong watchdog", cfg.PingInterval, func(context.Context) error {
 		for _, o := range b.presence.StaleSockets() {
@@ -284,9 +317,10 @@ func (b *broker) Close(ctx context.Context) error {
 //  4. every socket writes what is queued, pings, and waits up to
 //     ShutdownConfirm for the pong confirming its written pushes;
 //  5. the delivered marks those pongs produced are committed;
-//  6. presence rows are settled and every socket is closed with 1001;
-//  7. what is still in flight is released for the next broker, the writers
-//     flush, storage closes.
+//  6. presence is settled and every socket is closed with 1001;
+//  7. the leases are recorded as held for the next process (the presence
+//     rows stay live, S2), what is still in flight is released for the next
+//     broker, the writers flush, the owner lock is released, storage closes.
 func (b *broker) close(ctx context.Context) error {
 	var errs []error
 	// 1.
@@ -318,10 +352,14 @@ func (b *broker) close(ctx context.Context) error {
 	b.realtime.Close()
 	b.messaging.Stop()
 	b.presence.Wait()
+	if err := b.presence.HoldForNextProcess(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	b.queue.Stop()
 	if err := b.audit.Close(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("audit flush: %w", err))
 	}
+	b.owner.Release()
 	if err := b.db.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close database: %w", err))
 	}

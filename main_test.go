@@ -132,12 +132,18 @@ type fixture struct {
 
 func (b *testBroker) fixture() fixture {
 	b.t.Helper()
+	return newFixture(b.t, b.db)
+}
+
+// newFixture provisions a fixture mesh on db.
+func newFixture(t *testing.T, db *models.DB) fixture {
+	t.Helper()
 	ctx := context.Background()
-	prov := services.NewProvisionService(b.db, time.Now)
+	prov := services.NewProvisionService(db, time.Now)
 	name := "mesh-" + models.NewID()[:6]
 	owner, err := prov.CreateMesh(ctx, name, "", "alice")
 	if err != nil {
-		b.t.Fatal(err)
+		t.Fatal(err)
 	}
 	key, _ := owner.PrivateKey()
 	f := fixture{meshID: owner.MeshID, name: name, a: client.Identity{MeshID: owner.MeshID, MemberID: owner.MemberID, DisplayName: "alice", Key: key}}
@@ -145,13 +151,13 @@ func (b *testBroker) fixture() fixture {
 		_, k, _ := ed25519.GenerateKey(nil)
 		id, err := prov.AddMember(ctx, owner.MeshID, protocol.PubkeyHex(k), n, "member")
 		if err != nil {
-			b.t.Fatal(err)
+			t.Fatal(err)
 		}
 		return client.Identity{MeshID: owner.MeshID, MemberID: id.MemberID, DisplayName: n, Key: k}
 	}
 	f.b, f.c, f.r = add("bob"), add("carol"), add("rita")
 	if _, err := prov.RevokeMember(ctx, owner.MeshID, f.r.MemberID); err != nil {
-		b.t.Fatal(err)
+		t.Fatal(err)
 	}
 	return f
 }

@@ -1328,3 +1328,112 @@ func TestRealtimeCloseLeavesNothingRunning(t *testing.T) {
 	target.Close()
 	goroutinesSettle(t, base, 5)
 }
+
+// Issue 16: the extras follow their lease across a broker restart. A owns
+// a watch, a subscription and two MCP servers and the clock runs; the
+// broker stops and starts again on the same storage. Before A is back, a
+// call to its server fails at once (R3); once A reattaches, everything is
+// there and works, and the clock continues from its tick.
+func TestRealtimeRestartKeepsEverything(t *testing.T) {
+	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 10*time.Second })
+	f := b.fixture()
+	target := rtServe(t, 200, "v1")
+	sess := client.NewSession()
+	a := b.connect(f.a, client.Options{Session: &sess, SessionID: "a1"})
+	bob := b.connect(f.b, client.Options{SessionID: "b1"})
+	br := rtRecord(t, bob)
+	pid := a.HelloAck.PresenceID
+	w := rtDecode[protocol.WatchAck](t, rtDo(t, a, map[string]any{"type": "watch", "url": target.url(), "interval": 3600}))
+	base := rtBaseline(t, a, w.WatchID)
+	rtDo(t, bob, map[string]any{"type": "create_stream", "name": "S"})
+	rtDo(t, a, map[string]any{"type": "subscribe", "stream": "S"})
+	rtRegister(t, a, "X", false)
+	rtRegister(t, a, "Y", true)
+	br.wait(2*time.Second, "mcp_registered Y", rtEventAbout("mcp_registered", "Y"))
+	rtClock(t, a, map[string]any{"type": "set_clock", "speed": 100})
+	br.wait(5*time.Second, "a tick", isEvent("tick"))
+	b.stop()
+	stoppedAt := b.realtime.GetClock(&services.Conn{MeshID: f.meshID})
+
+	b2 := reopen(t, b)
+	bob2 := b2.connect(f.b, client.Options{SessionID: "b1"})
+	br2 := rtRecord(t, bob2)
+	start := time.Now()
+	if res := rtCallNow(t, bob2, "X"); !strings.HasPrefix(res.Error, "host_unavailable") || time.Since(start) > time.Second {
+		t.Fatalf("call before the host is back: %+v after %v", res, time.Since(start))
+	}
+	if st := rtClock(t, bob2, map[string]any{"type": "get_clock"}); st.Paused || st.Speed != 100 || st.Tick < stoppedAt.Tick {
+		t.Fatalf("clock after restart: %+v, stopped at %+v", st, stoppedAt)
+	}
+
+	a2 := b2.connect(f.a, client.Options{Session: &sess, SessionID: "a1"})
+	if a2.HelloAck.PresenceID != pid {
+		t.Fatalf("reattach after restart gave %s, want %s", a2.HelloAck.PresenceID, pid)
+	}
+	ar := rtRecord(t, a2)
+	if got := rtWatchList(t, a2)[w.WatchID]; got.ID != w.WatchID || got.LastValue != base.LastValue || got.URL != base.URL {
+		t.Fatalf("watch after restart: %+v (before %+v)", got, base)
+	}
+	target.set(200, "v2")
+	if !b2.realtime.ForTest().CheckWatch(w.WatchID) {
+		t.Fatal("restored watch does not poll")
+	}
+	ar.wait(2*time.Second, "watch_triggered", isEvent("watch_triggered"))
+	rtSend(t, bob2, map[string]any{"type": "publish", "stream": "S", "data": "after"})
+	ar.wait(2*time.Second, "stream_data", rtType("stream_data"))
+	call := rtCallAsync(bob2, "X", map[string]any{"q": 1})
+	rtAnswer(t, a2, ar, "X", map[string]any{"result": 42})
+	if res := call.result(t, 3*time.Second); string(res.Result) != "42" || res.Error != "" {
+		t.Fatalf("call after restart: %+v", res)
+	}
+	if y := rtMCPFind(rtMCPList(t, bob2), "Y"); y == nil || !y.Online {
+		t.Fatalf("persistent server after restart: %+v", y)
+	}
+	for _, ev := range []string{"peer_left", "peer_joined", "peer_returned", "mcp_unregistered", "mcp_restored"} {
+		br2.none(0, ev, isEvent(ev))
+	}
+}
+
+// A restored lease nobody claims gets the full eviction cleanup when its
+// window ends: its watch and subscription go, its plain MCP server goes
+// and its persistent one waits offline, and the clock pauses once the mesh
+// is empty.
+func TestRealtimeRestoredLeaseEvictionCleansUp(t *testing.T) {
+	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, time.Second })
+	f := b.fixture()
+	target := rtServe(t, 200, "v1")
+	sess := client.NewSession()
+	a := b.connect(f.a, client.Options{Session: &sess, SessionID: "a1"})
+	w := rtDecode[protocol.WatchAck](t, rtDo(t, a, map[string]any{"type": "watch", "url": target.url(), "interval": 3600}))
+	rtBaseline(t, a, w.WatchID)
+	rtDo(t, a, map[string]any{"type": "create_stream", "name": "S"})
+	rtDo(t, a, map[string]any{"type": "subscribe", "stream": "S"})
+	rtRegister(t, a, "X", false)
+	rtRegister(t, a, "Y", true)
+	rtClock(t, a, map[string]any{"type": "set_clock", "speed": 100})
+	b.stop()
+
+	b2 := reopen(t, b)
+	mesh := &services.Conn{MeshID: f.meshID}
+	if !b2.realtime.ForTest().HasWatch(w.WatchID) || len(b2.realtime.ListMCP(mesh)) != 2 || b2.realtime.GetClock(mesh).Paused {
+		t.Fatal("extras not restored with the lease")
+	}
+	waitFor(t, 20*time.Second, "restored lease expired", func() bool { return b2.presence.MeshCount(f.meshID) == 0 })
+	waitFor(t, 5*time.Second, "eviction cleanup", func() bool {
+		list := b2.realtime.ListMCP(mesh)
+		return !b2.realtime.ForTest().HasWatch(w.WatchID) && len(list) == 1 && list[0].Name == "Y" && !list[0].Online && b2.realtime.GetClock(mesh).Paused
+	})
+	streams := rtDecode[protocol.StreamList](t, rtDo(t, b2.connect(f.b, client.Options{}), map[string]any{"type": "list_streams"}))
+	found := false
+	for _, s := range streams.Streams {
+		if s.Name == "S" {
+			found = true
+			if s.SubscriberCount != 0 {
+				t.Fatalf("subscription survived the eviction: %+v", s)
+			}
+		}
+	}
+	if !found {
+		t.Fatalf("stream S not listed: %+v", streams)
+	}
+}

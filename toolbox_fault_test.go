@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/base64"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -47,26 +46,6 @@ func (l *lockedBuffer) String() string {
 }
 
 // buildBroker compiles this module's binary into a temp dir.
-func buildBroker(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "meshbroker")
-	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 func newChildBroker(t *testing.T, storageEnv []string) *childBroker {
 	port := freePort(t)
 	env := append(os.Environ(), "BROKER_HOST=127.0.0.1", fmt.Sprintf("BROKER_PORT=%d", port), "LOG_LEVEL=info", "SEND_RATE_LIMIT_PER_MIN=0")

@@ -53,6 +53,7 @@ type Config struct {
 	LeaseTTL       time.Duration // LEASE_TTL_MS, default 90 s: offline lease (grace) after a socket drops
 	StaleSweep     time.Duration // default 30 s: DB stale-presence sweeper interval
 	StaleThreshold time.Duration // default 90 s: rows with last_ping_at older than this are marked disconnected
+	LeaseFlush     time.Duration // default 250 ms: changed leases (meshbroker_lease) are rewritten in one batch this often
 
 	// Queue (02 §5).
 	ClaimLease        time.Duration // CLAIM_LEASE_MS, default 30 s: a claimed row is invisible to other drains this long
@@ -123,6 +124,7 @@ func Default() Config {
 		LeaseTTL:       90 * time.Second,
 		StaleSweep:     30 * time.Second,
 		StaleThreshold: 90 * time.Second,
+		LeaseFlush:     250 * time.Millisecond,
 
 		ClaimLease:          30 * time.Second,
 		ClaimReapInterval:   15 * time.Second,

@@ -303,6 +303,65 @@ const pgMeshbrokerKV = `CREATE TABLE IF NOT EXISTS mesh.meshbroker_kv (
 	value text NOT NULL
 )`
 
+// meshbroker_lease is ours: one row per presence this broker holds as a
+// lease (online or in its grace window), with what a silent reattach after
+// a restart needs and mesh.presence lacks. A row is inserted with its
+// presence, rewritten in batches as the lease changes, and deleted when the
+// presence is evicted; a starting broker restores every row. The owner_*
+// columns name the process that holds it, so a later multi-node broker can
+// adopt the leases of a node whose heartbeat stopped (meshbroker_node)
+// without a schema change.
+const pgMeshbrokerLease = `CREATE TABLE IF NOT EXISTS mesh.meshbroker_lease (
+	presence_id text PRIMARY KEY NOT NULL REFERENCES mesh.presence(id) ON DELETE CASCADE ON UPDATE CASCADE,
+	mesh_id text NOT NULL,
+	member_id text NOT NULL,
+	role text NOT NULL,
+	has_session_pubkey boolean NOT NULL,
+	session_id text NOT NULL,
+	display_name text NOT NULL,
+	cwd text NOT NULL,
+	hostname text NOT NULL DEFAULT '',
+	peer_type text NOT NULL DEFAULT '',
+	channel text NOT NULL DEFAULT '',
+	model text NOT NULL DEFAULT '',
+	visible boolean NOT NULL DEFAULT true,
+	profile jsonb NOT NULL DEFAULT '{}'::jsonb,
+	stats jsonb,
+	attestation_expires_at timestamp,
+	lease_state text NOT NULL,
+	lease_until timestamp,
+	lease_generation bigint NOT NULL DEFAULT 0,
+	owner_node_id text NOT NULL,
+	owner_epoch bigint NOT NULL,
+	updated_at timestamp DEFAULT now() NOT NULL
+)`
+
+// meshbroker_node is ours: one row per broker process that owned leases,
+// with its epoch (one more than any before it) and heartbeat.
+const pgMeshbrokerNode = `CREATE TABLE IF NOT EXISTS mesh.meshbroker_node (
+	node_id text PRIMARY KEY NOT NULL,
+	epoch bigint NOT NULL,
+	hostname text NOT NULL,
+	pid integer NOT NULL,
+	started_at timestamp NOT NULL,
+	heartbeat_at timestamp NOT NULL,
+	stopped_at timestamp,
+	state text NOT NULL
+)`
+
+// meshbroker_realtime is ours: the extras that follow a lease across a
+// restart (URL watches, stream subscriptions, MCP registry entries, mesh
+// clocks), one row each, rewritten per mesh by the realtime service.
+const pgMeshbrokerRealtime = `CREATE TABLE IF NOT EXISTS mesh.meshbroker_realtime (
+	mesh_id text NOT NULL,
+	kind text NOT NULL,
+	key text NOT NULL,
+	presence_id text,
+	body jsonb NOT NULL,
+	updated_at timestamp DEFAULT now() NOT NULL,
+	PRIMARY KEY (mesh_id, kind, key)
+)`
+
 // postgresTables is in creation order: every table after the ones it references.
 func postgresTables() []tableDDL {
 	return append([]tableDDL{
@@ -369,6 +428,11 @@ func postgresTables() []tableDDL {
 		{"invite", pgInvite, pgInviteIndexes},
 		{"meshbroker_schema", pgMeshbrokerSchema, nil},
 		{"meshbroker_kv", pgMeshbrokerKV, nil},
+		{"meshbroker_lease", pgMeshbrokerLease, []string{
+			`CREATE INDEX IF NOT EXISTS meshbroker_lease_owner_idx ON mesh.meshbroker_lease (owner_node_id)`,
+		}},
+		{"meshbroker_node", pgMeshbrokerNode, nil},
+		{"meshbroker_realtime", pgMeshbrokerRealtime, nil},
 	}, toolboxPostgresTables()...)
 }
 
@@ -623,6 +687,52 @@ const sqliteMeshbrokerKV = `CREATE TABLE IF NOT EXISTS meshbroker_kv (
 	value TEXT NOT NULL
 )`
 
+const sqliteMeshbrokerLease = `CREATE TABLE IF NOT EXISTS meshbroker_lease (
+	presence_id TEXT PRIMARY KEY NOT NULL REFERENCES presence(id) ON DELETE CASCADE ON UPDATE CASCADE,
+	mesh_id TEXT NOT NULL,
+	member_id TEXT NOT NULL,
+	role TEXT NOT NULL,
+	has_session_pubkey BOOLEAN NOT NULL,
+	session_id TEXT NOT NULL,
+	display_name TEXT NOT NULL,
+	cwd TEXT NOT NULL,
+	hostname TEXT NOT NULL DEFAULT '',
+	peer_type TEXT NOT NULL DEFAULT '',
+	channel TEXT NOT NULL DEFAULT '',
+	model TEXT NOT NULL DEFAULT '',
+	visible BOOLEAN NOT NULL DEFAULT 1,
+	profile TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(profile)),
+	stats TEXT CHECK (stats IS NULL OR json_valid(stats)),
+	attestation_expires_at DATETIME,
+	lease_state TEXT NOT NULL,
+	lease_until DATETIME,
+	lease_generation INTEGER NOT NULL DEFAULT 0,
+	owner_node_id TEXT NOT NULL,
+	owner_epoch INTEGER NOT NULL,
+	updated_at DATETIME NOT NULL DEFAULT {now}
+)`
+
+const sqliteMeshbrokerNode = `CREATE TABLE IF NOT EXISTS meshbroker_node (
+	node_id TEXT PRIMARY KEY NOT NULL,
+	epoch INTEGER NOT NULL,
+	hostname TEXT NOT NULL,
+	pid INTEGER NOT NULL,
+	started_at DATETIME NOT NULL,
+	heartbeat_at DATETIME NOT NULL,
+	stopped_at DATETIME,
+	state TEXT NOT NULL
+)`
+
+const sqliteMeshbrokerRealtime = `CREATE TABLE IF NOT EXISTS meshbroker_realtime (
+	mesh_id TEXT NOT NULL,
+	kind TEXT NOT NULL,
+	key TEXT NOT NULL,
+	presence_id TEXT,
+	body TEXT NOT NULL CHECK (json_valid(body)),
+	updated_at DATETIME NOT NULL DEFAULT {now},
+	PRIMARY KEY (mesh_id, kind, key)
+)`
+
 // sqliteNow is the SQLite default for timestamp columns. strftime's %f gives
 // milliseconds ("SS.SSS"); the literal 000 pads to SQLiteTimeLayout's six
 // digits so defaults and Go-written times have the same width.
@@ -691,6 +801,11 @@ func sqliteTables() []tableDDL {
 		{"invite", sqliteInvite, sqliteInviteIndexes},
 		{"meshbroker_schema", sqliteMeshbrokerSchema, nil},
 		{"meshbroker_kv", sqliteMeshbrokerKV, nil},
+		{"meshbroker_lease", sqliteMeshbrokerLease, []string{
+			`CREATE INDEX IF NOT EXISTS meshbroker_lease_owner_idx ON meshbroker_lease (owner_node_id)`,
+		}},
+		{"meshbroker_node", sqliteMeshbrokerNode, nil},
+		{"meshbroker_realtime", sqliteMeshbrokerRealtime, nil},
 	}
 	tables = append(tables, toolboxSQLiteTables()...)
 	for i := range tables {

@@ -53,6 +53,8 @@ type helloInput struct {
 	// looks the member up before going on.
 	leaseMember    bool
 	parentMemberID string // session hello: the parentMemberId it claimed, "" if none
+	// attestExpiresAt is the verified attestation's expiry (session hello).
+	attestExpiresAt time.Time
 }
 
 // notFoundMessage is the unauthorized message of a hello of this role.
@@ -238,6 +240,7 @@ func (p *PresenceService) SessionHello(ctx context.Context, out Outbox, h *proto
 		return nil, sesReject(protocol.CodeBadSignature)
 	}
 	in.parentMemberID = rawStr(h.ParentMemberID)
+	in.attestExpiresAt = time.UnixMilli(int64(expires))
 	member, err := p.authorizeHello(ctx, &in)
 	if err != nil {
 		return nil, err
@@ -284,15 +287,32 @@ func (p *PresenceService) tryResume(ctx context.Context, out Outbox, meshID, cla
 func (p *PresenceService) authorizeHello(ctx context.Context, in *helloInput) (*MemberRow, error) {
 	p.mu.RLock()
 	var m *MemberRow
-	if c := p.findReattachLocked(in); c != nil {
-		m = c.member
+	lease := p.findReattachLocked(in)
+	if lease != nil {
+		m = lease.member
 	}
 	p.mu.RUnlock()
 	if m != nil {
 		in.leaseMember = true
 		return m, nil
 	}
-	return p.authorize(ctx, in.meshID, in.memberPubkey, notFoundMessage(in.role))
+	member, err := p.authorize(ctx, in.meshID, in.memberPubkey, notFoundMessage(in.role))
+	if lease != nil {
+		p.endRefusedLease(lease, err)
+	}
+	return member, err
+}
+
+// endRefusedLease ends a lease restored without a member row (its member
+// was revoked while no broker ran) once the member lookup of a hello that
+// would reattach it refuses the member: announced once, as an expiry is.
+func (p *PresenceService) endRefusedLease(c *Conn, err error) {
+	var he *HandshakeError
+	if !errors.As(err, &he) || he.Code != protocol.CodeRevoked && he.Code != protocol.CodeUnauthorized {
+		return
+	}
+	p.log.Info("restored lease of a member no longer in the mesh", "presence_id", c.PresenceID, "mesh", c.MeshID, "code", he.Code)
+	p.evict(c, EvictRevoked, true)
 }
 
 // checkParentID rejects a session hello whose parentMemberId names another
@@ -535,6 +555,7 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 		sessionID: in.sessionID, hasSID: in.hasSID, displayName: effectiveName, pid: in.pid, cwd: in.cwd,
 		hostname: in.hostname, peerType: in.peerType, channel: in.channel, model: in.model,
 		groups: groups, visible: true, profile: map[string]json.RawMessage{}, online: true, lastPongAt: now, out: out,
+		attestExpiresAt: in.attestExpiresAt,
 	}
 	if saved != nil {
 		if saved.visible != nil {
@@ -664,6 +685,12 @@ func (p *PresenceService) announceJoin(c *Conn, name string, groups []protocol.G
 // matched.
 func (p *PresenceService) reattach(ctx context.Context, out Outbox, in *helloInput, name string, policy *protocol.MeshPolicy, profile *protocol.MemberProfile, services *[]protocol.ServiceInfo) (*Conn, error) {
 	p.mu.Lock()
+	if p.shutdown {
+		// The leases are being handed to the next process: a reattach now
+		// would be lost with this one. The edge closes with a retryable code.
+		p.mu.Unlock()
+		return nil, errShuttingDown
+	}
 	c := p.findReattachLocked(in)
 	if c == nil {
 		p.mu.Unlock()
@@ -698,6 +725,10 @@ func (p *PresenceService) reattach(ctx context.Context, out Outbox, in *helloInp
 	if in.role == RoleSession && in.hasSID {
 		c.sessionID, c.hasSID = in.sessionID, true // H6: the session id follows the newest socket, in memory only
 	}
+	if !in.attestExpiresAt.IsZero() {
+		c.attestExpiresAt = in.attestExpiresAt
+	}
+	p.markDirtyLocked(c)
 	p.mu.Unlock()
 
 	if wasOnline && old != nil && old != out {
@@ -726,11 +757,11 @@ func (p *PresenceService) insertPresence(ctx context.Context, c *Conn, in *hello
 		displayName = &d
 	}
 	now := c.ConnectedAt.UTC()
-	err := p.db.WithContext(ctx).Exec("INSERT INTO "+p.db.Table("presence")+
+	err := p.insertPresenceRows(ctx, "INSERT INTO "+p.db.Table("presence")+
 		" (id, member_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_updated_at, groups, role, connected_at, last_ping_at)"+
-		" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+		" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", []any{
 		c.PresenceID, c.MemberID, in.sessionID, sessionPubkey, displayName, in.pid, in.cwd, StatusIdle, SourceJSONL, now,
-		models.JSON(groups), string(c.Role), now, now).Error
+		models.JSON(groups), string(c.Role), now, now}, c)
 	if err != nil {
 		return fmt.Errorf("insert presence: %w", err)
 	}

@@ -116,6 +116,12 @@ func (d *MemberDirectory) ByPubkey(ctx context.Context, meshID, pubkey string) (
 	return active, revoked, nil
 }
 
+// Remember caches an active member row read at loaded by a query of its
+// own (the lease restore joins the member rows), as ByPubkey would have.
+func (d *MemberDirectory) Remember(m *MemberRow, loaded time.Time) {
+	d.byKey.put(m.MeshID+"|"+m.PeerPubkey, memberEntry{active: m}, loaded)
+}
+
 func (d *MemberDirectory) lookupByPubkey(ctx context.Context, meshID, pubkey string) (active, revoked *MemberRow, err error) {
 	var rows []MemberRow
 	err = d.db.WithContext(ctx).Raw("SELECT "+memberColumns+" FROM "+d.db.Table("member")+

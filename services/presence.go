@@ -34,6 +34,11 @@ import (
 // if the socket it checked still holds it, deciding that and removing it
 // in one critical section.
 //
+// Durable leases (leases.go): dirty, the set of entries whose
+// meshbroker_lease row needs a rewrite, is guarded by mu too; marking an
+// entry is the only lease work a hot path does, and the batched flush
+// writes without the lock.
+//
 // Hooks (attach, detach, evict) are registered during wiring, before the
 // first socket, and are read-only afterwards.
 type PresenceService struct {
@@ -55,6 +60,7 @@ type PresenceService struct {
 	bgSlots  chan struct{}  // bounds concurrent savePeerState writes; static
 	stopping chan struct{}  // closed when Shutdown begins: saves still waiting for a slot give up
 	stopOnce sync.Once
+	leases   *leaseStore // durable leases (leases.go)
 
 	mu       sync.RWMutex
 	conns    map[string]*Conn            // presenceID -> entry
@@ -63,6 +69,7 @@ type PresenceService struct {
 	nextSeq  uint64                      // insertion order, for first-match scans
 	offline  int                         // entries in grace, for the gauge
 	pongs    map[string]struct{}         // presence ids whose last_ping_at needs a bump
+	dirty    map[string]struct{}         // presence ids whose meshbroker_lease row needs a rewrite (leases.go)
 	shutdown bool                        // set by Shutdown: no new registrations
 }
 
@@ -131,7 +138,10 @@ type Conn struct {
 	leaseGen    uint64
 	leaseTimer  *time.Timer
 	lastPongAt  time.Time
-	member      *MemberRow // as last read: at admission, or by the check after a reattach
+	member      *MemberRow // as last read: at admission, or by the check after a reattach; nil for a restored lease of a revoked member
+	// attestExpiresAt is the parent attestation's expiry of a session
+	// presence (zero for member hellos), as last proved by a session_hello.
+	attestExpiresAt time.Time
 }
 
 // RoutingPubkey is the key peers address this presence by: the session key
@@ -183,6 +193,7 @@ func NewPresenceService(cfg config.Config, db *models.DB, log *slog.Logger, metr
 		status: status, audit: audit, resume: resume, replays: newHelloReplays(cfg.HelloSkew, defaultReplayEntries), now: now,
 		conns: map[string]*Conn{}, byMesh: map[string]map[string]*Conn{}, byKey: map[string][]*Conn{},
 		pongs: map[string]struct{}{}, bgSlots: make(chan struct{}, peerStateWriters), stopping: make(chan struct{}),
+		dirty: map[string]struct{}{}, leases: &leaseStore{nodeID: models.NewID()},
 	}
 }
 
@@ -405,6 +416,7 @@ func (p *PresenceService) Closed(c *Conn, out Outbox) {
 	c.leaseTimer = time.AfterFunc(p.cfg.LeaseTTL, func() { p.expire(c, gen) })
 	p.offline++
 	p.metrics.OfflineLeases.Set(float64(p.offline))
+	p.markDirtyLocked(c)
 	snap := p.peerStateLocked(c)
 	p.mu.Unlock()
 
@@ -459,8 +471,11 @@ func (p *PresenceService) evict(c *Conn, reason EvictReason, announce bool) bool
 }
 
 // afterRemoval is evictPresenceFully after the registry removal (01 §7.4):
-// peer_left, the presence row, audit, then every registered cleanup. The
-// cleanups run even when the database steps fail.
+// peer_left, the presence and lease rows, audit, then every registered
+// cleanup. peer_left goes out first, with no I/O before it: a fresh hello
+// of the same key, which can start as soon as the entry left the registry,
+// needs database round trips before its join, so the leave always
+// precedes the join. The cleanups run even when the database steps fail.
 func (p *PresenceService) afterRemoval(c *Conn, reason EvictReason, announce bool) {
 	p.metrics.Evictions.WithLabelValues(string(reason)).Inc()
 	p.mu.RLock()
@@ -530,23 +545,22 @@ func (p *PresenceService) SweepStale(ctx context.Context) (int64, error) {
 	return res.RowsAffected, nil
 }
 
+// markDisconnected ends presences in the database: disconnected_at set
+// and their lease rows gone, so the next process does not restore them.
 func (p *PresenceService) markDisconnected(ctx context.Context, ids []string) error {
-	if len(ids) == 0 {
-		return nil
-	}
-	return p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("presence")+" SET disconnected_at = ? WHERE id IN ? AND disconnected_at IS NULL", p.now().UTC(), ids).Error
+	return p.endPresenceRows(ctx, ids)
 }
 
-// Shutdown marks this process's live presence rows disconnected (S2) and
-// closes every socket with 1001. No peer_left, no grace.
+// Shutdown stops the lease timers and closes every socket with 1001. No
+// peer_left, no grace, and no presence row is ended: the registry is kept
+// for the next process (S2), which HoldForNextProcess records once the
+// sockets are gone.
 func (p *PresenceService) Shutdown(ctx context.Context) error {
 	p.stopOnce.Do(func() { close(p.stopping) })
 	p.mu.Lock()
 	p.shutdown = true
-	ids := make([]string, 0, len(p.conns))
 	var outs []Outbox
-	for id, c := range p.conns {
-		ids = append(ids, id)
+	for _, c := range p.conns {
 		if c.leaseTimer != nil {
 			c.leaseTimer.Stop()
 			c.leaseTimer = nil
@@ -557,18 +571,10 @@ func (p *PresenceService) Shutdown(ctx context.Context) error {
 		}
 	}
 	p.mu.Unlock()
-	var err error
-	for len(ids) > 0 {
-		n := min(len(ids), 500)
-		if e := p.markDisconnected(ctx, ids[:n]); e != nil && err == nil {
-			err = fmt.Errorf("mark presences disconnected at shutdown: %w", e)
-		}
-		ids = ids[n:]
-	}
 	for _, o := range outs {
 		o.Close(protocol.CloseShuttingDown)
 	}
-	return err
+	return nil
 }
 
 // StaleSockets returns the online sockets whose last pong is older than

@@ -30,6 +30,7 @@ func (p *PresenceService) SetStats(c *Conn, stats json.RawMessage) {
 	}
 	p.mu.Lock()
 	c.stats = stats
+	p.markDirtyLocked(c)
 	p.mu.Unlock()
 }
 
@@ -39,6 +40,7 @@ func (p *PresenceService) SetVisible(c *Conn, visible bool) {
 	p.mu.Lock()
 	c.visible = visible
 	name := c.displayName
+	p.markDirtyLocked(c)
 	p.mu.Unlock()
 	event := "peer_hidden"
 	if visible {
@@ -64,6 +66,7 @@ func (p *PresenceService) SetProfile(c *Conn, frame map[string]json.RawMessage) 
 		}
 	}
 	c.profile = next
+	p.markDirtyLocked(c)
 	p.mu.Unlock()
 }
 

@@ -40,7 +40,8 @@ import (
 // extras started outlives Close.
 //
 // Lifetime (R1): everything is keyed by presence id, so a silent reattach
-// keeps it all. A close that enters grace changes nothing here: watches keep
+// keeps it all, and so does a restart: realtime_persist.go writes it to
+// meshbroker_realtime and restores it for the restored leases. A close that enters grace changes nothing here: watches keep
 // polling and subscriptions and MCP entries stay, but frames for a presence
 // without a socket are dropped. The OnEvict hook, which presence runs
 // exactly once per presence on every removal path (lease expiry, dedup,
@@ -63,6 +64,7 @@ type Realtime struct {
 	ctx        context.Context // cancelled by Close: aborts fetches in flight
 	cancel     context.CancelFunc
 	wg         sync.WaitGroup // watch checks in flight; Add only under mu while !closed
+	flushWG    sync.WaitGroup // the persistence loop (realtime_persist.go)
 
 	mu          sync.Mutex
 	closed      bool
@@ -73,6 +75,7 @@ type Realtime struct {
 	calls       map[string]*mcpCall           // call id -> pending call
 	clocks      map[string]*meshClock         // mesh id -> clock; never deleted
 	callTimeout time.Duration                 // mcpCallTimeout; ForTest may shrink it
+	dirty       map[string]struct{}           // meshes whose meshbroker_realtime rows need a rewrite
 }
 
 // Timing and limits of the extras. The reference's numbers come first.
@@ -104,6 +107,7 @@ func NewRealtime(cfg config.Config, db *models.DB, log *slog.Logger, metrics *Me
 		ctx: ctx, cancel: cancel,
 		watches: map[string]*watch{}, subs: map[streamKey]map[string]bool{}, servers: map[mcpKey]*mcpServer{},
 		calls: map[string]*mcpCall{}, clocks: map[string]*meshClock{}, callTimeout: mcpCallTimeout,
+		dirty: map[string]struct{}{},
 	}
 	if !cfg.WatchAllowPrivate {
 		r.addrPolicy = refuseInternal
@@ -111,6 +115,10 @@ func NewRealtime(cfg config.Config, db *models.DB, log *slog.Logger, metrics *Me
 	r.http = newWatchClient(r.checkDialAddr)
 	presence.OnEvict("realtime", r.onEvict)
 	presence.OnAttach(r.onAttach)
+	if db != nil { // unit tests run the extras without storage
+		r.flushWG.Add(1)
+		go r.runFlushLoop(max(cfg.LeaseFlush, time.Millisecond))
+	}
 	return r
 }
 
@@ -137,6 +145,10 @@ func (r *Realtime) Close() {
 	r.mu.Unlock()
 	r.cancel()
 	r.wg.Wait()
+	r.flushWG.Wait()
+	if r.db != nil {
+		r.persistAll()
+	}
 	r.http.CloseIdleConnections()
 }
 
@@ -147,6 +159,7 @@ func (r *Realtime) onEvict(c *Conn, reason EvictReason) {
 	watches := r.dropWatchesLocked(c)
 	subs := r.dropSubscriptionsLocked(c)
 	offline, removed, failed := r.evictMCPLocked(c)
+	r.markDirtyLocked(c.MeshID)
 	r.mu.Unlock()
 
 	for _, call := range failed {

@@ -7,8 +7,8 @@ import (
 	"github.com/claudemesh/meshbroker/protocol"
 )
 
-// The mesh simulation clock (04 §6). One per mesh, in memory, never
-// deleted. A running clock ticks every 60 s / speed; each tick advances
+// The mesh simulation clock (04 §6). One per mesh, in memory (persisted
+// for a restart by realtime_persist.go), never deleted. A running clock ticks every 60 s / speed; each tick advances
 // simulated time by one minute and is pushed to every presence of the
 // mesh. Any member may set, pause or resume it. It pauses by itself only
 // when the last presence of the mesh is evicted (04 §2 step 8), and nothing
@@ -90,6 +90,7 @@ func (r *Realtime) SetClock(c *Conn, speed float64) protocol.ClockStatus {
 	if !k.paused {
 		r.startClockLocked(k)
 	}
+	r.markDirtyLocked(c.MeshID)
 	st := k.status()
 	r.mu.Unlock()
 	r.log.Info("clock set", "presence_id", c.PresenceID, "mesh", c.MeshID, "speed", speed, "paused", st.Paused)
@@ -106,6 +107,7 @@ func (r *Realtime) PauseClock(c *Conn) (protocol.ClockStatus, error) {
 	}
 	k.paused = true
 	k.stopLocked()
+	r.markDirtyLocked(c.MeshID)
 	return k.status(), nil
 }
 
@@ -121,6 +123,7 @@ func (r *Realtime) ResumeClock(c *Conn) (protocol.ClockStatus, error) {
 	if k.paused {
 		k.paused = false
 		r.startClockLocked(k)
+		r.markDirtyLocked(c.MeshID)
 	}
 	return k.status(), nil
 }
@@ -151,6 +154,7 @@ func (r *Realtime) pauseIfEmpty(meshID string) {
 	if paused {
 		k.paused = true
 		k.stopLocked()
+		r.markDirtyLocked(meshID)
 	}
 	r.mu.Unlock()
 	if paused {

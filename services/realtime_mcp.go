@@ -16,7 +16,8 @@ import (
 // The peer-hosted MCP registry (04 §5). A presence registers an MCP server
 // it hosts; other presences list it and call its tools, and the broker
 // forwards each call to the host and its answer back. Entries live in
-// memory, keyed by (mesh, server name). A persistent entry survives its
+// memory, keyed by (mesh, server name), and are persisted for a restart
+// (realtime_persist.go). A persistent entry survives its
 // host's eviction offline and comes back when the member returns with a
 // member hello; any other entry dies with its host.
 
@@ -84,6 +85,7 @@ func (r *Realtime) RegisterMCP(c *Conn, reg MCPRegistration) (protocol.MCPRegist
 		e.seq = r.seq
 	}
 	r.servers[k] = e
+	r.markDirtyLocked(c.MeshID)
 	r.mu.Unlock()
 
 	toolNames := make([]string, len(reg.Tools))
@@ -106,6 +108,7 @@ func (r *Realtime) UnregisterMCP(c *Conn, serverName string) {
 	mine := e != nil && e.presenceID == c.PresenceID
 	if mine {
 		delete(r.servers, k)
+		r.markDirtyLocked(c.MeshID)
 	}
 	r.mu.Unlock()
 	if !mine {
@@ -270,6 +273,7 @@ func (r *Realtime) finishCall(call *mcpCall, result json.RawMessage, errText str
 // takeOfflineLocked applies a host's departure to its entry: persistent
 // entries go offline, others are deleted. Realtime.mu must be held.
 func (r *Realtime) takeOfflineLocked(k mcpKey, e *mcpServer) {
+	r.markDirtyLocked(k.meshID)
 	if !e.persistent {
 		delete(r.servers, k)
 		return
@@ -316,6 +320,7 @@ func (r *Realtime) restoreMCP(c *Conn) {
 		if e.meshID == c.MeshID && e.memberID == c.MemberID && !e.online {
 			e.online, e.presenceID, e.offlineSince, e.hostedBy = true, c.PresenceID, time.Time{}, name
 			restored = append(restored, e)
+			r.markDirtyLocked(c.MeshID)
 		}
 	}
 	slices.SortFunc(restored, func(a, b *mcpServer) int { return cmp.Compare(a.seq, b.seq) })

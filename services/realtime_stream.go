@@ -53,6 +53,7 @@ func (r *Realtime) Subscribe(c *Conn, name string) {
 		r.subs[k] = set
 	}
 	set[c.PresenceID] = true
+	r.markDirtyLocked(c.MeshID)
 	r.mu.Unlock()
 }
 
@@ -65,6 +66,7 @@ func (r *Realtime) Unsubscribe(c *Conn, name string) {
 		if len(set) == 0 {
 			delete(r.subs, k)
 		}
+		r.markDirtyLocked(c.MeshID)
 	}
 	r.mu.Unlock()
 }

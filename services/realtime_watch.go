@@ -20,8 +20,8 @@ import (
 
 // URL watches (04 §3): a presence asks the broker to poll a URL and push
 // `watch_triggered` to it when the watched value changes. A watch belongs
-// to the presence that created it: it survives a reattach, dies at
-// eviction, and is lost on restart.
+// to the presence that created it: it survives a reattach and a restart
+// (realtime_persist.go), and dies at eviction.
 
 // watch is one URL watch.
 type watch struct {
@@ -124,6 +124,7 @@ func (r *Realtime) Watch(ctx context.Context, c *Conn, req WatchRequest) (protoc
 	r.seq++
 	w.seq = r.seq
 	r.watches[w.id] = w
+	r.markDirtyLocked(w.meshID)
 	w.timer = time.AfterFunc(w.every, func() { r.fireWatch(w) })
 	baseline := r.beginCheckLocked(w)
 	r.mu.Unlock()
@@ -144,6 +145,7 @@ func (r *Realtime) Unwatch(c *Conn, id string) protocol.WatchAck {
 	if w != nil && w.meshID == c.MeshID && w.memberID == c.MemberID {
 		w.stopLocked()
 		delete(r.watches, id)
+		r.markDirtyLocked(w.meshID)
 		ack.URL, ack.Mode = w.url, w.mode
 	}
 	r.mu.Unlock()
@@ -248,6 +250,9 @@ func (r *Realtime) runCheck(w *watch) {
 	w.lastCheck = now
 	old := w.lastValue
 	notify := old != "" && watchNotifies(w.notifyOn, old, value)
+	if value != old {
+		r.markDirtyLocked(w.meshID) // the baseline a restored watch compares with
+	}
 	w.lastHash, w.lastValue = value, value
 	r.mu.Unlock()
 

@@ -95,6 +95,17 @@ func (s *StatusService) Track(presenceID string, at time.Time) {
 	s.mu.Unlock()
 }
 
+// TrackRestored starts mirroring a presence restored from the database at
+// start (durable leases) with the status its row holds.
+func (s *StatusService) TrackRestored(presenceID, status, source string, updatedAt time.Time) {
+	if !ValidStatus(status) {
+		status = StatusIdle
+	}
+	s.mu.Lock()
+	s.recs[presenceID] = &statusRecord{status: status, source: source, updatedAt: updatedAt}
+	s.mu.Unlock()
+}
+
 // Forget stops mirroring an evicted presence.
 func (s *StatusService) Forget(presenceID string) {
 	s.mu.Lock()

@@ -6,9 +6,10 @@
 // duplicates and the broker's peak RSS. It speaks only the wire protocol, so
 // it can drive any broker that shares the schema it seeds.
 //
-// Two more modes: --idle N holds N authenticated idle sockets (memory per
-// connection), and --reattach N puts N leases in grace and measures how fast
-// they reattach.
+// Three more modes: --idle N holds N authenticated idle sockets (memory per
+// connection), --reattach N puts N leases in grace and measures how fast
+// they reattach, and --restart N restarts the broker under N peers and
+// measures how fast they all reattach to the new process.
 //
 // Every mode is bounded in time: a run ends by itself after its drain or
 // hold timeout, and exits non-zero if the run failed to set up.
@@ -37,6 +38,12 @@ Usage:
                                     paced load (--peers senders and --peers non-acking
                                     receivers, --rate msg/s in total), restart it on the
                                     same database, count lost and duplicated messages by id
+  meshload --restart N --broker-bin PATH [flags]
+                                    start the broker, connect N peers, stop it (SIGTERM or,
+                                    with --restart-signal KILL, SIGKILL), start it again and
+                                    measure every peer's redial to hello_ack. The broker gets
+                                    meshload's environment (DATABASE_URL or DATA_DIR,
+                                    BROKER_PORT, LEASE_TTL_MS, MAX_CONNECTIONS_PER_MESH, ...)
 
 Seeding needs the broker's database: --database-url postgres://… (Postgres) or
 --data-dir DIR (the SQLite file DIR/meshbroker.db; seed before the broker
@@ -77,15 +84,18 @@ type options struct {
 	idle     int
 	hold     time.Duration
 	reattach int
+	restart  int
 	meshSize int
-	settle   time.Duration
+
+	brokerBin     string
+	restartSignal string
+	settle        time.Duration
 
 	brokerPID   int
 	metricsURL  string
 	rssInterval time.Duration
 
 	fault      string
-	brokerBin  string
 	brokerEnv  string
 	faultAfter time.Duration
 	claimLease time.Duration
@@ -123,7 +133,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.idle, "idle", 0, "idle mode: hold N authenticated idle sockets")
 	fs.DurationVar(&o.hold, "hold", 30*time.Second, "idle mode: how long to hold the sockets")
 	fs.IntVar(&o.reattach, "reattach", 0, "reattach mode: put N leases in grace and reattach them")
-	fs.IntVar(&o.meshSize, "mesh-size", 100, "idle/reattach modes: members per mesh (each join is announced to the whole mesh)")
+	fs.IntVar(&o.restart, "restart", 0, "restart mode: restart the broker under N peers and reattach them")
+	fs.StringVar(&o.brokerBin, "broker-bin", "", "restart and fault modes: the meshbroker binary meshload runs as a child and restarts")
+	fs.StringVar(&o.restartSignal, "restart-signal", "TERM", "restart mode: TERM (graceful) or KILL (crash)")
+	fs.IntVar(&o.meshSize, "mesh-size", 100, "idle/reattach/restart modes: members per mesh (each join is announced to the whole mesh)")
 	fs.DurationVar(&o.settle, "settle", 3*time.Second, "idle/reattach modes: pause before measuring, for the broker to settle")
 
 	fs.IntVar(&o.brokerPID, "broker-pid", 0, "sample this process's VmRSS and open fds from /proc")
@@ -131,7 +144,6 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.rssInterval, "rss-interval", 200*time.Millisecond, "RSS sampling interval")
 
 	fs.StringVar(&o.fault, "fault", "", "fault mode: kill or term; meshload runs --broker-bin itself, signals it after --fault-after and restarts it")
-	fs.StringVar(&o.brokerBin, "broker-bin", "", "fault mode: the meshbroker binary to run as a child process")
 	fs.StringVar(&o.brokerEnv, "broker-env", "", "fault mode: extra KEY=VALUE settings for the broker, space-separated")
 	fs.DurationVar(&o.faultAfter, "fault-after", 6*time.Second, "fault mode: how long the load runs before the signal")
 	fs.DurationVar(&o.claimLease, "claim-lease", 3*time.Second, "fault mode: the broker's CLAIM_LEASE_MS, so a killed broker's claims run out soon")
@@ -148,13 +160,17 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("one of --database-url or --data-dir is required to seed the mesh")
 	case o.databaseURL != "" && !strings.HasPrefix(o.databaseURL, "postgres://") && !strings.HasPrefix(o.databaseURL, "postgresql://"):
 		return o, fmt.Errorf("--database-url must start with postgres:// or postgresql://")
-	case o.fault != "" && (o.idle > 0 || o.reattach > 0):
+	case o.fault != "" && (o.idle > 0 || o.reattach > 0 || o.restart > 0):
 		return o, fmt.Errorf("--fault is a mode of its own")
 	case o.fault != "" && o.fault != "kill" && o.fault != "term":
 		return o, fmt.Errorf("--fault must be kill or term")
-	case o.idle > 0 && o.reattach > 0:
-		return o, fmt.Errorf("--idle and --reattach are separate modes")
-	case o.idle == 0 && o.reattach == 0 && o.peers < 2:
+	case (o.idle > 0) && (o.reattach > 0) || (o.idle > 0 || o.reattach > 0) && o.restart > 0:
+		return o, fmt.Errorf("--idle, --reattach and --restart are separate modes")
+	case (o.restart > 0 || o.fault != "") && o.brokerBin == "":
+		return o, fmt.Errorf("--restart and --fault need --broker-bin")
+	case o.restartSignal != "TERM" && o.restartSignal != "KILL":
+		return o, fmt.Errorf("--restart-signal must be TERM or KILL")
+	case o.idle == 0 && o.reattach == 0 && o.restart == 0 && o.peers < 2:
 		return o, fmt.Errorf("--peers must be at least 2")
 	case o.messages < 0:
 		return o, fmt.Errorf("--messages must not be negative")
@@ -202,6 +218,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runIdle(ctx, o, stdout, logf)
 	case o.reattach > 0:
 		err = runReattach(ctx, o, stdout, logf)
+	case o.restart > 0:
+		err = runRestart(ctx, o, stdout, logf)
 	default:
 		err = runMessages(ctx, o, stdout, logf)
 	}
