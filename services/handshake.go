@@ -592,10 +592,10 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 		return nil, fmt.Errorf("socket closed during hello")
 	}
 	p.addLocked(c)
-	var taken []takenLabel
-	if in.role == RoleSession {
-		taken = p.takeLabelsLocked(in.meshID, in.sessionPubkey, member.ID)
-	}
+	// Proof wins over a label, whichever hello proved the key: a member
+	// hello's key may have been another member's label since before it
+	// joined.
+	taken := p.takeLabelsLocked(in.meshID, provenKey(in.role, in.memberPubkey, in.sessionPubkey), member.ID)
 	p.mu.Unlock()
 	p.evictLabelHolders(taken)
 
