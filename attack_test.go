@@ -98,7 +98,8 @@ func TestMemberHelloEvictsForeignLabelOfItsKey(t *testing.T) {
 // An unauthenticated hello (any key signs its own hello) names a mesh id
 // of its choosing; the broker caches the negative member lookup under that
 // id. A mesh id is short; one as long as a frame must be refused before it
-// is kept anywhere, or a few hundred hellos pin tens of megabytes.
+// is kept anywhere, or a few hundred hellos (member or session) pin tens
+// of megabytes.
 func TestHelloWithHugeMeshIDKeepsNothing(t *testing.T) {
 	b := startTestBroker(t, func(c *config.Config) { c.MemberCacheTTL = 10 * time.Minute })
 	const hellos, idBytes = 200, 60_000
@@ -114,7 +115,12 @@ func TestHelloWithHugeMeshIDKeepsNothing(t *testing.T) {
 	for i := range hellos {
 		_, k, _ := ed25519.GenerateKey(nil)
 		id := client.Identity{MeshID: pad + protocol.PubkeyHex(k)[:8], MemberID: "", DisplayName: "x", Key: k}
-		if _, err := b.tryConnect(id, client.Options{}); err == nil {
+		opts := client.Options{}
+		if i%2 == 1 { // session hellos look their parent up the same way
+			sess := client.NewSession()
+			opts.Session = &sess
+		}
+		if _, err := b.tryConnect(id, opts); err == nil {
 			t.Fatalf("hello %d into a made-up mesh was admitted", i)
 		}
 	}
