@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"net/http"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -127,5 +128,33 @@ func TestHelloWithHugeMeshIDKeepsNothing(t *testing.T) {
 	after := heap()
 	if grown := int64(after) - int64(before); grown > hellos*idBytes/4 {
 		t.Fatalf("heap grew by %d bytes after %d refused hellos with %d-byte mesh ids", grown, hellos, idBytes)
+	}
+}
+
+// POST /hook/set-status takes no proof (03 §3.2): anyone who reaches the
+// port may call it. Its rate limiter keeps a bucket per (pid, cwd) for
+// RATE_LIMIT_IDLE, taken before anything is validated, so a flood of
+// distinct cwds, each as long as a body, must not be kept as it came.
+func TestHookFloodOfDistinctCwdsKeepsLittle(t *testing.T) {
+	b := startTestBroker(t)
+	const requests, cwdBytes = 200, 60_000
+	heap := func() uint64 {
+		runtime.GC()
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+	before := heap()
+	pad := strings.Repeat("d", cwdBytes)
+	for i := range requests {
+		body := map[string]any{"cwd": pad + strconv.Itoa(i), "pid": i, "status": "bogus"}
+		if status, reply := postJSON(t, "POST", b.httpURL("/hook/set-status"), body, nil); status != 400 {
+			t.Fatalf("hook %d: %d %v, want 400 invalid status", i, status, reply)
+		}
+	}
+	after := heap()
+	if grown := int64(after) - int64(before); grown > requests*cwdBytes/4 {
+		t.Fatalf("heap grew by %d bytes after %d refused hook calls with %d-byte cwds", grown, requests, cwdBytes)
 	}
 }
