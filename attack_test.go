@@ -158,3 +158,48 @@ func TestHookFloodOfDistinctCwdsKeepsLittle(t *testing.T) {
 		t.Fatalf("heap grew by %d bytes after %d refused hook calls with %d-byte cwds", grown, requests, cwdBytes)
 	}
 }
+
+// Attacks that hold: a resume token of a member revoked out of band (the
+// web app) resumes nothing; a forged X-Member-Id rides no other member's
+// live session; a topic id of another mesh does not resolve.
+func TestAttacksThatHold(t *testing.T) {
+	b := startTestBroker(t, withLease(5*time.Second))
+	f := b.fixture()
+
+	bob := b.connect(f.b, client.Options{})
+	tok := bob.HelloAck.ResumeToken
+	bob.Kill()
+	b.waitOffline(bob.HelloAck.PresenceID)
+	b.exec("UPDATE "+b.db.Table("member")+" SET revoked_at = ? WHERE id = ?", time.Now().UTC(), f.b.MemberID)
+	if c, err := b.tryConnect(f.b, client.Options{ResumeToken: tok}); err == nil {
+		t.Fatalf("revoked bob resumed with his token: %s", c.AckRaw)
+	}
+
+	carol := b.connect(f.c, client.Options{})
+	forged := http.Header{"X-Member-Id": {f.a.MemberID}}
+	if status, reply := memberRequest(t, b, nil, "PATCH", "/mesh/"+f.meshID+"/member/"+f.c.MemberID, map[string]any{"permission": "admin"}, forged); status != 401 {
+		t.Fatalf("carol's session with alice's X-Member-Id: %d %v", status, reply)
+	}
+
+	other := b.fixture()
+	dave := b.connect(other.a, client.Options{})
+	var tc protocol.TopicCreated
+	_ = request(t, dave, map[string]any{"type": "topic_create", "name": "secret", "visibility": "public"}).Decode(&tc)
+	if tc.Topic.ID == "" {
+		t.Fatal("topic_create gave no id")
+	}
+	// Topic errors echo the request as "id" (the reference's shape), so
+	// the error frame is awaited as such.
+	for _, verb := range []string{"topic_history", "topic_members", "topic_mark_read"} {
+		if err := carol.WriteJSON(map[string]any{"type": verb, "topic": tc.Topic.ID, "_reqId": verb}); err != nil {
+			t.Fatal(err)
+		}
+		fr := waitFrame(t, carol, 5*time.Second, func(f client.Frame) bool {
+			return f.Type == "error" || strings.HasPrefix(f.Type, "topic_")
+		})
+		var e protocol.ErrorFrame
+		if _ = fr.Decode(&e); fr.Type != "error" || e.Code != protocol.CodeTopicNotFound {
+			t.Fatalf("%s of another mesh's topic: %s", verb, fr.Raw)
+		}
+	}
+}
