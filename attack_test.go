@@ -203,3 +203,29 @@ func TestAttacksThatHold(t *testing.T) {
 		}
 	}
 }
+
+// README, member routes: a live session stands for "the X-Member-Id member
+// for PATCH, any member of the mesh for a GET without the header". A PATCH
+// without the header must not be taken for whichever member happens to
+// have a session at that address (here the admin, so it could promote).
+func TestMemberPatchWithoutMemberIDNeedsProof(t *testing.T) {
+	b := startTestBroker(t)
+	f := b.fixture()
+	b.connect(f.a, client.Options{}) // the admin's daemon on this address
+	if status, reply := memberRequest(t, b, nil, "PATCH", "/mesh/"+f.meshID+"/member/"+f.b.MemberID, map[string]any{"permission": "admin"}, nil); status != 401 {
+		t.Fatalf("PATCH without X-Member-Id on the admin's live session: %d %v, want 401", status, reply)
+	}
+	settings := map[string]any{"selfEditable": map[string]bool{"displayName": false, "roleTag": false, "groups": false, "messageMode": false}}
+	if status, reply := memberRequest(t, b, nil, "PATCH", "/mesh/"+f.meshID+"/settings", settings, nil); status != 401 {
+		t.Fatalf("settings PATCH without X-Member-Id on the admin's live session: %d %v, want 401", status, reply)
+	}
+	var role []string
+	b.query(&role, "SELECT role FROM "+b.db.Table("member")+" WHERE id = ?", f.b.MemberID)
+	if len(role) != 1 || role[0] != "member" {
+		t.Fatalf("bob's role: %v", role)
+	}
+	// Named, the admin's session is the proof, as the CLI uses it.
+	if status, reply := memberRequest(t, b, nil, "PATCH", "/mesh/"+f.meshID+"/member/"+f.a.MemberID, map[string]any{"roleTag": "lead"}, http.Header{"X-Member-Id": {f.a.MemberID}}); status != 200 {
+		t.Fatalf("CLI-style PATCH: %d %v", status, reply)
+	}
+}
