@@ -99,6 +99,11 @@ func (a *MemberAPI) Authenticate(ctx context.Context, r MemberRequest) (*MemberR
 	if r.RemoteIP == "" {
 		return nil, unproven
 	}
+	// Only a GET may stand for any member at the address; a change names
+	// its caller (the CLI's PATCH always sends X-Member-Id).
+	if r.MemberID == "" && r.Method != http.MethodGet {
+		return nil, unproven
+	}
 	for _, v := range a.presence.Peers(r.MeshID, nil) {
 		if v.Out == nil || (r.MemberID != "" && v.Conn.MemberID != r.MemberID) {
 			continue
