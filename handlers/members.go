@@ -67,6 +67,7 @@ func (s *Server) memberCaller(c echo.Context) (*services.MemberRow, []byte, erro
 		MeshID: c.Param("meshId"), MemberID: r.Header.Get("X-Member-Id"),
 		Timestamp: r.Header.Get("X-Claudemesh-Timestamp"), Signature: r.Header.Get("X-Claudemesh-Signature"),
 		Method: r.Method, Path: r.URL.EscapedPath(), Body: body, RemoteIP: s.clientIP(r),
+		Origin: r.Header.Get("Origin"),
 	})
 	if err != nil {
 		return nil, nil, s.memberError(c, err)

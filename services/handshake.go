@@ -95,11 +95,20 @@ func (p *PresenceService) rejected(e *HandshakeError) *HandshakeError {
 	return e
 }
 
+// maxHelloMeshID bounds a hello's meshId (ids are 32 characters). Any key
+// can sign a hello naming any mesh, and the member lookup it leads to is
+// cached under that id, refusal or not: a frame-sized id would let
+// unauthenticated hellos pin a frame each in the cache.
+const maxHelloMeshID = 128
+
 // Hello authenticates a member hello (01 §2) and registers, reattaches or
 // replaces the presence. On success hello_ack has been offered to out and
 // the joins have been broadcast; the returned Conn is the socket's presence.
 func (p *PresenceService) Hello(ctx context.Context, out Outbox, h *protocol.Hello) (*Conn, error) {
 	started := p.now()
+	if len(h.MeshID) > maxHelloMeshID {
+		return nil, p.rejected(reject(protocol.CodeMalformed, "hello rejected: malformed"))
+	}
 	if c, err := p.tryResume(ctx, out, h.MeshID, h.Pubkey, RoleControlPlane, h.ResumeToken, h.DisplayName, h.Cwd, started); c != nil || err != nil {
 		return c, err
 	}
@@ -178,6 +187,9 @@ func (p *PresenceService) bindClaimed(ctx context.Context, in *helloInput, membe
 // for by its parent member's attestation.
 func (p *PresenceService) SessionHello(ctx context.Context, out Outbox, h *protocol.SessionHello) (*Conn, error) {
 	started := p.now()
+	if len(h.MeshID) > maxHelloMeshID {
+		return nil, p.rejected(&HandshakeError{Code: protocol.CodeMalformed, Message: "session_hello rejected: malformed", metric: "session_malformed"})
+	}
 	if c, err := p.tryResume(ctx, out, h.MeshID, rawStr(h.SessionPubkey), RoleSession, h.ResumeToken, h.DisplayName, h.Cwd, started); c != nil || err != nil {
 		return c, err
 	}
@@ -613,10 +625,10 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 		return nil, fmt.Errorf("socket closed during hello")
 	}
 	p.addLocked(c)
-	var taken []takenLabel
-	if in.role == RoleSession {
-		taken = p.takeLabelsLocked(in.meshID, in.sessionPubkey, member.ID)
-	}
+	// Proof wins over a label, whichever hello proved the key: a member
+	// hello's key may have been another member's label since before it
+	// joined.
+	taken := p.takeLabelsLocked(in.meshID, provenKey(in.role, in.memberPubkey, in.sessionPubkey), member.ID)
 	p.mu.Unlock()
 	p.evictLabelHolders(taken)
 

@@ -23,8 +23,10 @@ import (
 //   - a member hello's label is refused when another member holds it in the
 //     registry or ever held it in mesh.presence, or it is another member's
 //     key (checkLabel, and labelHeldLocked again at registration);
-//   - a session hello that proves a key another member's socket uses as a
-//     label ends that socket (takeLabelsLocked): proof wins over a label.
+//   - a hello that proves a key another member's socket uses as a label
+//     ends that socket (takeLabelsLocked): proof wins over a label. For a
+//     session hello that is its session key; for a member hello its member
+//     key, which a label may have named before that member joined.
 //
 // Since a push's senderPubkey is the sender's session key or label, or its
 // member key, it is always a key the sender proved or a label of its own
@@ -34,7 +36,7 @@ import (
 // runs without it and does I/O, and its answer is re-checked under mu when
 // the presence is registered.
 
-// EvictLabelTaken removes a member socket whose label a session hello proved.
+// EvictLabelTaken removes a member socket whose label another hello proved.
 const EvictLabelTaken EvictReason = "label_taken"
 
 func labelTaken() *HandshakeError {
@@ -108,14 +110,14 @@ func (p *PresenceService) checkLabel(ctx context.Context, in *helloInput) error 
 	return nil
 }
 
-// takenLabel is a member socket whose label a session hello proved.
+// takenLabel is a member socket whose label another member's hello proved.
 type takenLabel struct {
 	c   *Conn
 	out Outbox // nil while it was offline
 }
 
 // takeLabelsLocked removes from the registry the member sockets of other
-// members that use key, just proven by a session hello of memberID, as
+// members that use key, just proven by a hello of memberID, as
 // their label, and returns them; the caller ends them after unlocking
 // (evictLabelHolders). mu must be held.
 func (p *PresenceService) takeLabelsLocked(meshID, key, memberID string) []takenLabel {

@@ -32,8 +32,10 @@ import (
 //     claudemesh CLI signs nothing, so an unsigned request is accepted if a
 //     socket that completed a signed hello as that member (X-Member-Id), or
 //     for GET as any member of the mesh, is online in this process from the
-//     same IP address as the request. That ties the call to a key holder's
-//     machine rather than to a guessable id; its limit is that everyone
+//     same IP address as the request, and the request is no browser's (it
+//     has no Origin header: a web page the member opens shares the
+//     address; Bun's and Node's fetch send none). That ties the call to a
+//     key holder's machine rather than to a guessable id; its limit is that everyone
 //     behind that address (a shared host, a NAT) counts as the member while
 //     its session is up. Operators who do not run the CLI's profile verbs
 //     turn it off.
@@ -72,6 +74,7 @@ type MemberRequest struct {
 	Path      string
 	Body      []byte
 	RemoteIP  string // the TCP peer's address, never a forwarded header
+	Origin    string // the Origin header: set by browsers, never by the CLI
 }
 
 // remoteIPer is what an Outbox of a real socket also is.
@@ -87,7 +90,18 @@ func (a *MemberAPI) Authenticate(ctx context.Context, r MemberRequest) (*MemberR
 		return nil, refuse(http.StatusUnauthorized, "signed request required (X-Member-Id, X-Claudemesh-Timestamp, X-Claudemesh-Signature)")
 	}
 	unproven := refuse(http.StatusUnauthorized, "no proof of membership: sign the request, or call from the machine of a live session of this member (claudemesh daemon up)")
+	// A browser on the member's machine shares its address, and the routes
+	// answer every origin (CORS *): any page it opens would pass for the
+	// member. Browsers name the page's origin; the CLI sends none.
+	if r.Origin != "" {
+		return nil, refuse(http.StatusUnauthorized, "a request from a browser (Origin header) must be signed")
+	}
 	if r.RemoteIP == "" {
+		return nil, unproven
+	}
+	// Only a GET may stand for any member at the address; a change names
+	// its caller (the CLI's PATCH always sends X-Member-Id).
+	if r.MemberID == "" && r.Method != http.MethodGet {
 		return nil, unproven
 	}
 	for _, v := range a.presence.Peers(r.MeshID, nil) {

@@ -6,7 +6,8 @@ import (
 )
 
 // TokenBuckets is a set of continuous-refill token buckets keyed by string
-// (member id for sends, "pid:cwd" for hooks). A new key starts full.
+// (member id for sends, a hash of "pid:cwd" for hooks). A new key starts
+// full. At most maxTokenBuckets are kept (shedLocked).
 //
 // Concurrency: all state is guarded by mu; Take is O(1) and never blocks
 // on anything but mu.
@@ -40,6 +41,9 @@ func (t *TokenBuckets) Take(key string) bool {
 	defer t.mu.Unlock()
 	b := t.buckets[key]
 	if b == nil {
+		if len(t.buckets) >= maxTokenBuckets {
+			t.shedLocked(now)
+		}
 		b = &bucket{tokens: t.capacity, last: now}
 		t.buckets[key] = b
 	}
@@ -52,6 +56,25 @@ func (t *TokenBuckets) Take(key string) bool {
 	}
 	b.tokens--
 	return true
+}
+
+// maxTokenBuckets bounds the set: the hook limiter is keyed by what
+// unauthenticated callers send.
+const maxTokenBuckets = 100_000
+
+// shedLocked makes room when the set is full: first the buckets that have
+// refilled to capacity, which are no different from a missing one; if a
+// flood of fresh keys left none, all of them, so the cost of a flood is
+// that limits start over, never memory. mu must be held.
+func (t *TokenBuckets) shedLocked(now time.Time) {
+	for k, b := range t.buckets {
+		if b.tokens+float64(now.Sub(b.last).Microseconds())/1000*t.perMs >= t.capacity {
+			delete(t.buckets, k)
+		}
+	}
+	if len(t.buckets) >= maxTokenBuckets {
+		clear(t.buckets)
+	}
 }
 
 // GC drops buckets untouched for longer than idle.

@@ -2,6 +2,7 @@ package services
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -290,7 +291,10 @@ var ErrRateLimited = newError("rate_limited", "rate limited")
 
 // HookAllowed spends one token of the (pid, cwd) bucket (03 §3.2 step 4).
 func (s *StatusService) HookAllowed(pid int, cwd string) bool {
-	return s.hooks.Take(strconv.Itoa(pid) + ":" + cwd)
+	// Keyed by a hash: the caller is unauthenticated and cwd may be as long
+	// as a body, and the bucket outlives the request by RATE_LIMIT_IDLE.
+	sum := sha256.Sum256([]byte(strconv.Itoa(pid) + ":" + cwd))
+	return s.hooks.Take(string(sum[:]))
 }
 
 // Hook applies a Claude Code hook report (03 §3.2 steps 6-10). The caller
