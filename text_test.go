@@ -185,3 +185,30 @@ func TestJoinGroupFailureLeavesGroupsUnchanged(t *testing.T) {
 		t.Fatalf("later group changes failed: %s", got[0].Raw)
 	}
 }
+
+// The status mirror follows the row: a set_status whose update the
+// database refuses leaves the mirrored status as it was, so the hook
+// route (which never touches dnd) still applies afterwards.
+func TestStatusWriteFailureLeavesStatusUnchanged(t *testing.T) {
+	b := startTestBroker(t)
+	f := b.fixture()
+	a := b.connect(f.a, client.Options{Cwd: "/status-fail"})
+	if b.db.Dialect == models.DialectPostgres {
+		b.exec(`CREATE FUNCTION refuse_dnd() RETURNS trigger LANGUAGE plpgsql AS $$
+			BEGIN IF NEW.status = 'dnd' THEN RAISE EXCEPTION 'refused by test'; END IF; RETURN NEW; END $$`)
+		b.exec("CREATE TRIGGER refuse_dnd BEFORE UPDATE ON {presence} FOR EACH ROW EXECUTE FUNCTION refuse_dnd()")
+	} else {
+		b.exec("CREATE TRIGGER refuse_dnd BEFORE UPDATE OF status ON {presence} WHEN NEW.status = 'dnd' BEGIN SELECT RAISE(ABORT, 'refused by test'); END")
+	}
+	_, err := a.Request(ctxT(t), map[string]any{"type": "set_status", "status": "dnd"})
+	var er *client.ErrorReply
+	if !errors.As(err, &er) || er.Code != string(protocol.CodeInternal) {
+		t.Fatalf("refused set_status answered %v", err)
+	}
+	if code, out := postHook(t, b, `{"cwd":"/status-fail","status":"working"}`); code != 200 || out["presence_id"] != a.HelloAck.PresenceID {
+		t.Fatalf("hook: %d %v", code, out)
+	}
+	if st, src := b.status(a.HelloAck.PresenceID); st != "working" || src != "hook" {
+		t.Fatalf("after a refused dnd the hook was ignored: %s/%s", st, src)
+	}
+}
