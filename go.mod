@@ -3,6 +3,7 @@ module github.com/claudemesh/meshbroker
 go 1.26.8
 
 require (
+	filippo.io/edwards25519 v1.2.0
 	github.com/glebarez/go-sqlite v1.21.2
 	github.com/glebarez/sqlite v1.11.0
 	github.com/gorilla/websocket v1.5.3
