@@ -65,7 +65,7 @@ func localConfig(tb testing.TB) config.Config {
 func testConfig(t *testing.T) config.Config {
 	t.Helper()
 	cfg := localConfig(t)
-	cfg.HelloTimeout = 5 * time.Second
+	cfg.HelloTimeout = 30 * time.Second // tests of the timeout set their own; 40 hellos at once under -race on a busy machine took over 5 s
 	cfg.LeaseTTL = 2 * time.Second
 	cfg.ClaimLease = 30 * time.Second // the reference's; tests of expiry shrink it
 	cfg.ClaimReapInterval = 100 * time.Millisecond
@@ -167,8 +167,11 @@ func (b *testBroker) connect(id client.Identity, opts client.Options) *client.Cl
 }
 
 func (b *testBroker) tryConnect(id client.Identity, opts client.Options) (*client.Client, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	if opts.HelloTimeout == 0 {
+		opts.HelloTimeout = 30 * time.Second
+	}
 	if opts.Cwd == "" && !contains(opts.Omit, "cwd") {
 		opts.Cwd = "/work/" + id.DisplayName
 	}
@@ -223,6 +226,28 @@ func waitFrame(t *testing.T, c *client.Client, timeout time.Duration, match func
 			return f
 		}
 	}
+}
+
+// waitEvents waits for one push of each named event, in any order, and
+// returns them by name. Other frames are dropped.
+func waitEvents(t *testing.T, c *client.Client, timeout time.Duration, names ...string) map[string]client.Frame {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	got := map[string]client.Frame{}
+	for len(got) < len(names) {
+		f, err := c.Next(ctx)
+		if err != nil {
+			t.Fatalf("waiting for %v (have %d): %v", names, len(got), err)
+		}
+		for _, n := range names {
+			if _, seen := got[n]; !seen && isEvent(n)(f) {
+				got[n] = f
+				break
+			}
+		}
+	}
+	return got
 }
 
 // collect gathers every frame matching match that arrives within d.
