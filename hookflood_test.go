@@ -214,8 +214,9 @@ func TestHookFloodBounded(t *testing.T) {
 		t.Skip("builds and runs the broker binary")
 	}
 	const pendingMax = 300
-	const perAddr = 600 // the default, per minute
-	cb := startChildBroker(t, "HOOK_CLIENT_IP_HEADER=X-Test-Client-IP", fmt.Sprintf("HOOK_PENDING_MAX=%d", pendingMax))
+	const perAddr = 100 // per minute: a burst of 100, then one more every 0.6 s
+	cb := startChildBroker(t, "HOOK_CLIENT_IP_HEADER=X-Test-Client-IP", fmt.Sprintf("HOOK_PENDING_MAX=%d", pendingMax),
+		fmt.Sprintf("HOOK_RATE_LIMIT_PER_ADDR_PER_MIN=%d", perAddr))
 	rotate := func(i int) string { return fmt.Sprintf("10.1.%d.%d", i/250%250, i%250+1) } // one request per address
 
 	// The issue's flood, half of it (the broker on main kept about 90 KB a
@@ -254,17 +255,20 @@ func TestHookFloodBounded(t *testing.T) {
 	// One address with a new pid each time: the address's bucket runs dry
 	// first, whatever the keys.
 	start = time.Now()
-	got = flood(t, cb, perAddr+100, 4, func(i int) string { return fmt.Sprintf(`{"cwd":"/addr","pid":%d}`, 300000+i) }, func(int) string { return "10.3.0.1" })
+	got = flood(t, cb, 2*perAddr, 4, func(i int) string { return fmt.Sprintf(`{"cwd":"/addr","pid":%d}`, 300000+i) }, func(int) string { return "10.3.0.1" })
 	refill = int(time.Since(start).Seconds()*perAddr/60) + 1
 	tl = tally(got)
 	if passed := tl["200 cwd and status required"]; passed < perAddr || passed > perAddr+refill || tl["429 rate limited"] == 0 {
 		t.Fatalf("one address (%d refilled at most): %v", refill, tl)
 	}
 	// IPv6 clients share a bucket per /64.
-	got = flood(t, cb, perAddr+10, 4, func(i int) string { return fmt.Sprintf(`{"cwd":"/v6","pid":%d}`, 400000+i) },
+	start = time.Now()
+	got = flood(t, cb, 2*perAddr, 4, func(i int) string { return fmt.Sprintf(`{"cwd":"/v6","pid":%d}`, 400000+i) },
 		func(i int) string { return fmt.Sprintf("2001:db8:1:2::%x", i+1) })
-	if tally(got)["429 rate limited"] == 0 {
-		t.Fatalf("one /64: %v", tally(got))
+	refill = int(time.Since(start).Seconds()*perAddr/60) + 1
+	tl = tally(got)
+	if passed := tl["200 cwd and status required"]; passed < perAddr || passed > perAddr+refill || tl["429 rate limited"] == 0 {
+		t.Fatalf("one /64 (%d refilled at most): %v", refill, tl)
 	}
 
 	cb.checkMemory("after every flood", 150<<20)
