@@ -112,7 +112,9 @@ func TestSilentReattachSession(t *testing.T) {
 // Scenario 11: member hello reattach by session id and member key; another
 // session id is a fresh presence and the old lease later leaves.
 func TestSilentReattachMember(t *testing.T) {
-	b := startTestBroker(t, withLease(300*time.Millisecond))
+	// The reconnect must land inside the lease: 300 ms was less than a
+	// hello took on a busy machine, so the lease is 3 s.
+	b := startTestBroker(t, withLease(3*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	d := b.connect(f.a, client.Options{SessionID: "daemon-1"})
@@ -130,7 +132,7 @@ func TestSilentReattachMember(t *testing.T) {
 	}
 	// The old lease may run out before the new hello completes on a busy
 	// machine, so the two events come in either order.
-	events := waitEvents(t, bob, 10*time.Second, "peer_returned", "peer_left")
+	events := waitEvents(t, bob, 30*time.Second, "peer_returned", "peer_left")
 	left := decodePush(t, events["peer_left"])
 	if !json.Valid(left.EventData) {
 		t.Fatal(left)
