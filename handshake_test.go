@@ -62,7 +62,7 @@ func TestFreshMemberHello(t *testing.T) {
 
 // H5: hello_ack is the first frame, even when queued messages wait.
 func TestHelloAckBeforeAnyPush(t *testing.T) {
-	b := startTestBroker(t)
+	b := startTestBroker(t, withLease(30*time.Second)) // the 2 s default ran out during the five sends on a busy machine
 	f := b.fixture()
 	sess := client.NewSession()
 	bob := b.connect(f.b, client.Options{Session: &sess, SessionID: "b1"})
@@ -82,7 +82,7 @@ func TestHelloAckBeforeAnyPush(t *testing.T) {
 	if err := ws.WriteJSON(client.BuildHello(f.b, client.Options{Session: &sess, SessionID: "b1", Cwd: "/work/bob"})); err != nil {
 		t.Fatal(err)
 	}
-	_ = ws.SetReadDeadline(time.Now().Add(3 * time.Second))
+	_ = ws.SetReadDeadline(time.Now().Add(20 * time.Second))
 	var types []string
 	for len(types) < 6 {
 		_, data, err := ws.ReadMessage()

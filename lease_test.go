@@ -113,7 +113,9 @@ func TestSilentReattachSession(t *testing.T) {
 // Scenario 11: member hello reattach by session id and member key; another
 // session id is a fresh presence and the old lease later leaves.
 func TestSilentReattachMember(t *testing.T) {
-	b := startTestBroker(t, withLease(300*time.Millisecond))
+	// The reconnect must land inside the lease: 300 ms was less than a
+	// hello took on a busy machine, so the lease is 3 s.
+	b := startTestBroker(t, withLease(3*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	d := b.connect(f.a, client.Options{SessionID: "daemon-1"})
@@ -129,8 +131,10 @@ func TestSilentReattachMember(t *testing.T) {
 	if other.HelloAck.PresenceID == d.HelloAck.PresenceID {
 		t.Fatal("another session id reattached")
 	}
-	waitFrame(t, bob, 2*time.Second, isEvent("peer_returned"))
-	left := decodePush(t, waitFrame(t, bob, 2*time.Second, isEvent("peer_left")))
+	// The old lease may run out before the new hello completes on a busy
+	// machine, so the two events come in either order.
+	events := waitEvents(t, bob, 30*time.Second, "peer_returned", "peer_left")
+	left := decodePush(t, events["peer_left"])
 	if !json.Valid(left.EventData) {
 		t.Fatal(left)
 	}
@@ -201,26 +205,32 @@ func TestSweeperAndRestorePresence(t *testing.T) {
 // Scenario 15 and the design's third case: a client that stops answering
 // pings is terminated, enters grace, and can reattach.
 func TestStalledClientWatchdog(t *testing.T) {
-	b := startTestBroker(t, withLease(5*time.Second), func(c *config.Config) {
-		c.PingInterval, c.PongTimeout = 30*time.Millisecond, 150*time.Millisecond
+	// A healthy client has PongTimeout to answer: a second is ten times
+	// more than a pong takes on a busy machine under -race, and pings every
+	// 50 ms still give the stalled client twenty chances to answer.
+	const ping, pongTimeout = 50 * time.Millisecond, time.Second
+	b := startTestBroker(t, withLease(30*time.Second), func(c *config.Config) {
+		c.PingInterval, c.PongTimeout = ping, pongTimeout
 	})
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	sess := client.NewSession()
-	stalled := b.connect(f.a, clienttest.NoPong(client.Options{Session: &sess}))
 	healthy := b.connect(f.c, client.Options{})
+	stalled := b.connect(f.a, clienttest.NoPong(client.Options{Session: &sess}))
 	select {
 	case <-stalled.Done():
-	case <-time.After(3 * time.Second):
+	case <-time.After(20 * pongTimeout):
 		t.Fatal("stalled client not terminated")
 	}
 	if ce := stalled.CloseError(); ce != nil && ce.Code != 1006 {
 		t.Fatalf("terminate sent a close frame %+v; want none (1006)", ce)
 	}
+	// The healthy client connected first, so by now it has lived through
+	// a whole PongTimeout on pongs alone; give it another one.
 	select {
 	case <-healthy.Done():
 		t.Fatal("a client answering pings was terminated")
-	case <-time.After(300 * time.Millisecond):
+	case <-time.After(pongTimeout):
 	}
 	if got := collect(bob, 10*time.Millisecond, isEvent("peer_left")); len(got) != 0 {
 		t.Fatal("watchdog terminate was not a grace")

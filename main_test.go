@@ -65,7 +65,7 @@ func localConfig(tb testing.TB) config.Config {
 func testConfig(t *testing.T) config.Config {
 	t.Helper()
 	cfg := localConfig(t)
-	cfg.HelloTimeout = 5 * time.Second
+	cfg.HelloTimeout = 30 * time.Second // tests of the timeout set their own; 40 hellos at once under -race on a busy machine took over 5 s
 	cfg.LeaseTTL = 2 * time.Second
 	cfg.ClaimLease = 30 * time.Second // the reference's; tests of expiry shrink it
 	cfg.ClaimReapInterval = 100 * time.Millisecond
@@ -173,8 +173,11 @@ func (b *testBroker) connect(id client.Identity, opts client.Options) *client.Cl
 }
 
 func (b *testBroker) tryConnect(id client.Identity, opts client.Options) (*client.Client, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	if opts.HelloTimeout == 0 {
+		opts.HelloTimeout = 30 * time.Second
+	}
 	if opts.Cwd == "" { // clienttest.Omit(opts, "cwd") still drops it
 		opts.Cwd = "/work/" + id.DisplayName
 	}
@@ -229,6 +232,28 @@ func waitFrame(t *testing.T, c *client.Client, timeout time.Duration, match func
 			return f
 		}
 	}
+}
+
+// waitEvents waits for one push of each named event, in any order, and
+// returns them by name. Other frames are dropped.
+func waitEvents(t *testing.T, c *client.Client, timeout time.Duration, names ...string) map[string]client.Frame {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	got := map[string]client.Frame{}
+	for len(got) < len(names) {
+		f, err := c.Next(ctx)
+		if err != nil {
+			t.Fatalf("waiting for %v (have %d): %v", names, len(got), err)
+		}
+		for _, n := range names {
+			if _, seen := got[n]; !seen && isEvent(n)(f) {
+				got[n] = f
+				break
+			}
+		}
+	}
+	return got
 }
 
 // collect gathers every frame matching match that arrives within d.
@@ -324,7 +349,9 @@ func pub(k ed25519.PrivateKey) ed25519.PublicKey { return k.Public().(ed25519.Pu
 // goroutinesSettle waits until the goroutine count is back near base.
 func goroutinesSettle(t *testing.T, base int, slack int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	// Background peer_state saves of closed sockets queue on SQLite's one
+	// connection; on a busy machine they took over 5 s to drain.
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		n := runtime.NumGoroutine()
 		if n <= base+slack {

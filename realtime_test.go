@@ -850,6 +850,8 @@ func TestWatchRefusesInternalTargets(t *testing.T) {
 		"http://[::ffff:127.0.0.1]:" + port + "/",
 		"http://10.1.2.3/", "http://192.168.0.1/", "http://172.16.0.1/",
 		"http://100.100.100.200/", "http://[fd00:ec2::254]/", "http://[fe80::1]/", "https://0.0.0.0/",
+		"http://[2002:a9fe:a9fe::]/latest/meta-data/", "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]:" + port + "/", // 6to4, Teredo
+		"http://[64:ff9b::a9fe:a9fe]/",
 	} {
 		if msg := rtFail(t, a, map[string]any{"type": "watch", "url": u}, "forbidden"); !strings.Contains(msg, "refused") {
 			t.Fatalf("%s: %s", u, msg)

@@ -127,18 +127,24 @@ func TestDNDSurvivesHook(t *testing.T) {
 // 03 §12 scenario 17 and S3: the TTL sweeper flips a stuck `working` to
 // idle and releases held messages; dnd is untouched.
 func TestStatusTTLSweeper(t *testing.T) {
+	// The TTL runs on the broker's clock, which the test moves: a 200 ms TTL
+	// ran out on a busy machine before the held message was even sent. 20 s
+	// is ten times what this setup takes there, and moving the clock that far
+	// stays inside the pong timeout, stale threshold and claim lease.
+	const ttl = 20 * time.Second
 	b := startTestBroker(t, func(c *config.Config) {
-		c.StatusTTL, c.StatusSweepInterval, c.HookFreshWindow = 200*time.Millisecond, 20*time.Millisecond, time.Hour
+		c.StatusTTL, c.StatusSweepInterval, c.HookFreshWindow = ttl, 20*time.Millisecond, time.Hour
 	})
 	m := b.msgFixture()
 	postHook(t, b, `{"cwd":"/b1","status":"working"}`)
 	_ = m.c1.WriteJSON(map[string]any{"type": "set_status", "status": "dnd"})
 	_, _ = m.c1.ListPeers(ctxT(t))
 	held := dm(t, m.a1, m.sa1, m.sb1, "next", "held")
-	if got := collect(m.b1, 50*time.Millisecond, isMessage); len(got) != 0 {
+	if got := collect(m.b1, 100*time.Millisecond, isMessage); len(got) != 0 {
 		t.Fatal("working peer got next")
 	}
-	p := decodePush(t, waitFrame(t, m.b1, 3*time.Second, isMessage))
+	b.advance(ttl + time.Second)
+	p := decodePush(t, waitFrame(t, m.b1, 10*time.Second, isMessage))
 	if p.MessageID != held.MessageID {
 		t.Fatal("wrong message released")
 	}

@@ -6,8 +6,8 @@ import (
 	"crypto/sha512"
 	"encoding/base64"
 	"errors"
-	"math/big"
 
+	"filippo.io/edwards25519"
 	"golang.org/x/crypto/nacl/box"
 )
 
@@ -17,34 +17,45 @@ import (
 // never opens them; the client does, so tests and the load tool send real
 // ciphertext.
 
-// curve25519Prime is 2^255 - 19.
-var curve25519Prime, _ = new(big.Int).SetString("7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffed", 16)
-
-// EdPublicToX25519 converts an ed25519 public key to its Montgomery form:
-// u = (1 + y) / (1 - y) mod p.
+// EdPublicToX25519 converts an ed25519 public key to the X25519 public key
+// of the same secret, u = (1 + y) / (1 - y), and refuses exactly what
+// libsodium's crypto_sign_ed25519_pk_to_curve25519 refuses: 32 bytes that
+// are not a point on the curve, a point of small order (whose X25519 key
+// would make every shared secret predictable), and a point outside the
+// prime-order subgroup.
 func EdPublicToX25519(pub ed25519.PublicKey) ([32]byte, error) {
 	var out [32]byte
 	if len(pub) != ed25519.PublicKeySize {
 		return out, errors.New("ed25519 public key must be 32 bytes")
 	}
-	le := make([]byte, 32)
-	copy(le, pub)
-	le[31] &= 0x7f // drop the sign bit of x
-	y := new(big.Int).SetBytes(reverse(le))
-	one := big.NewInt(1)
-	num := new(big.Int).Add(one, y)
-	den := new(big.Int).Sub(one, y)
-	den.Mod(den, curve25519Prime)
-	if den.Sign() == 0 {
-		return out, errors.New("ed25519 public key has no X25519 form")
+	p, err := new(edwards25519.Point).SetBytes(pub)
+	if err != nil {
+		return out, errors.New("ed25519 public key is not a point on the curve")
 	}
-	den.ModInverse(den, curve25519Prime)
-	u := num.Mul(num, den)
-	u.Mod(u, curve25519Prime)
-	b := u.FillBytes(make([]byte, 32))
-	copy(out[:], reverse(b))
+	identity := edwards25519.NewIdentityPoint()
+	if new(edwards25519.Point).MultByCofactor(p).Equal(identity) == 1 {
+		return out, errors.New("ed25519 public key is a point of small order")
+	}
+	if new(edwards25519.Point).Add(new(edwards25519.Point).ScalarMult(orderMinusOne, p), p).Equal(identity) != 1 {
+		return out, errors.New("ed25519 public key is not in the prime-order subgroup")
+	}
+	copy(out[:], p.BytesMontgomery())
 	return out, nil
 }
+
+// orderMinusOne is l - 1, the largest scalar: [l-1]P + P is [l]P, the
+// identity exactly when P is in the prime-order subgroup.
+var orderMinusOne = func() *edwards25519.Scalar {
+	le := [32]byte{ // l - 1 = 2^252 + 27742317777372353535851937790883648492, little-endian
+		0xec, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14,
+		0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10,
+	}
+	s, err := new(edwards25519.Scalar).SetCanonicalBytes(le[:])
+	if err != nil {
+		panic("l - 1 is a canonical scalar: " + err.Error())
+	}
+	return s
+}()
 
 // EdPrivateToX25519 converts an ed25519 secret key to an X25519 scalar.
 func EdPrivateToX25519(priv ed25519.PrivateKey) [32]byte {
@@ -54,14 +65,6 @@ func EdPrivateToX25519(priv ed25519.PrivateKey) [32]byte {
 	out[0] &= 248
 	out[31] &= 127
 	out[31] |= 64
-	return out
-}
-
-func reverse(b []byte) []byte {
-	out := make([]byte, len(b))
-	for i := range b {
-		out[len(b)-1-i] = b[i]
-	}
 	return out
 }
 

@@ -29,12 +29,15 @@ type Config struct {
 	DataDir     string // DATA_DIR, default ./data
 
 	// Limits.
-	MaxConnectionsPerMesh int // MAX_CONNECTIONS_PER_MESH, default 100
-	MaxMessageBytes       int // MAX_MESSAGE_BYTES, default 65536: WS frame cap, send size cap, HTTP body cap
-	HookRateLimitPerMin   int // HOOK_RATE_LIMIT_PER_MIN, default 30: hook bucket capacity and refill per minute
-	SendRateBurst         int // SEND_RATE_BURST, default 10: send bucket capacity per member
-	SendRatePerMin        int // SEND_RATE_LIMIT_PER_MIN, default 60; 0 disables the send limiter
-	OutboxFrames          int // frames buffered per socket before it counts as a slow consumer, default 1024
+	MaxConnectionsPerMesh int    // MAX_CONNECTIONS_PER_MESH, default 100
+	MaxMessageBytes       int    // MAX_MESSAGE_BYTES, default 65536: WS frame cap, send size cap, HTTP body cap
+	HookRateLimitPerMin   int    // HOOK_RATE_LIMIT_PER_MIN, default 30: hook bucket capacity and refill per minute
+	HookAddrRateLimit     int    // HOOK_RATE_LIMIT_PER_ADDR_PER_MIN, default 600: the same per remote address (IPv6: per /64), checked first
+	HookPendingMax        int    // HOOK_PENDING_MAX, default 1000: pending_status rows at most; more parked hooks are 429
+	HookClientIPHeader    string // HOOK_CLIENT_IP_HEADER: header naming the client address (behind a proxy that sets it); empty: the socket's peer
+	SendRateBurst         int    // SEND_RATE_BURST, default 10: send bucket capacity per member
+	SendRatePerMin        int    // SEND_RATE_LIMIT_PER_MIN, default 60; 0 disables the send limiter
+	OutboxFrames          int    // frames buffered per socket before it counts as a slow consumer, default 1024
 
 	// Status model (03 §2, §5).
 	StatusTTL            time.Duration // STATUS_TTL_SECONDS, default 60 s: stuck `working` flips to idle
@@ -68,8 +71,7 @@ type Config struct {
 	OrphanSweepInterval time.Duration // default 1 h
 	OrphanAge           time.Duration // default 7 days: undelivered rows older than this are deleted
 	QueueDepthInterval  time.Duration // default 30 s: broker_queue_depth refresh
-	RateLimitGCInterval time.Duration // default 5 min: idle token buckets are dropped
-	RateLimitIdle       time.Duration // default 10 min
+	RateLimitGCInterval time.Duration // default 30 s: token buckets that have refilled completely are dropped
 	MemberCacheTTL      time.Duration // default 5 s: how stale cached peer grants may be
 
 	// Operations.
@@ -105,6 +107,8 @@ func Default() Config {
 		MaxMessageBytes:       65536,
 		MemberAPISessionAuth:  true,
 		HookRateLimitPerMin:   30,
+		HookAddrRateLimit:     600,
+		HookPendingMax:        1000,
 		SendRateBurst:         10,
 		SendRatePerMin:        60,
 		OutboxFrames:          1024,
@@ -133,8 +137,7 @@ func Default() Config {
 		OrphanSweepInterval: time.Hour,
 		OrphanAge:           7 * 24 * time.Hour,
 		QueueDepthInterval:  30 * time.Second,
-		RateLimitGCInterval: 5 * time.Minute,
-		RateLimitIdle:       10 * time.Minute,
+		RateLimitGCInterval: 30 * time.Second,
 		MemberCacheTTL:      5 * time.Second,
 
 		DBHealthInterval: 30 * time.Second,
@@ -253,6 +256,15 @@ var vars = []envVar{
 	{name: "HOOK_RATE_LIMIT_PER_MIN", accepts: "a positive integer", help: "hook requests per (pid, cwd) per minute",
 		def: showInt(func(c Config) int { return c.HookRateLimitPerMin }),
 		set: positiveInt(func(c *Config) *int { return &c.HookRateLimitPerMin })},
+	{name: "HOOK_RATE_LIMIT_PER_ADDR_PER_MIN", accepts: "a positive integer", help: "hook requests per remote address (IPv6: per /64) per minute, checked before the per-(pid, cwd) limit",
+		def: showInt(func(c Config) int { return c.HookAddrRateLimit }),
+		set: positiveInt(func(c *Config) *int { return &c.HookAddrRateLimit })},
+	{name: "HOOK_PENDING_MAX", accepts: "a positive integer", help: "most parked hook statuses (pending_status rows); a hook that would park one more is answered 429",
+		def: showInt(func(c Config) int { return c.HookPendingMax }),
+		set: positiveInt(func(c *Config) *int { return &c.HookPendingMax })},
+	{name: "HOOK_CLIENT_IP_HEADER", accepts: "an HTTP header name", help: "take the hook client's address from this header (set it only behind a proxy that overwrites it, e.g. Fly-Client-IP); unset: the connection's peer address",
+		def: func(Config) string { return "" },
+		set: func(c *Config, v string) error { c.HookClientIPHeader = v; return nil }},
 	{name: "SEND_RATE_LIMIT_PER_MIN", accepts: "a non-negative integer; 0 disables the limiter", help: "sends per member per minute (refill rate)",
 		def: showInt(func(c Config) int { return c.SendRatePerMin }),
 		set: nonNegativeInt(func(c *Config) *int { return &c.SendRatePerMin })},

@@ -81,6 +81,11 @@ var handlers = map[string]frameHandler{
 // frame: a panic in a handler is recovered, logged and answered `internal`.
 func (w *wsConn) dispatch(data []byte) {
 	h, send, err := protocol.DecodeHeadSend(data) // one pass for the hot path; send is unused for other types
+	if errors.Is(err, protocol.ErrUnstorableText) {
+		w.srv.svc.Metrics.MessagesRejected.WithLabelValues("parse_or_handler").Inc()
+		w.rejectUnstorable(h, err)
+		return
+	}
 	if err != nil {
 		w.srv.svc.Metrics.MessagesRejected.WithLabelValues("parse_or_handler").Inc()
 		w.reply(protocol.NewError(protocol.CodeMalformed, err.Error(), h))
@@ -124,6 +129,24 @@ func (w *wsConn) dispatch(data []byte) {
 	}
 	if resp != nil {
 		w.reply(resp)
+	}
+}
+
+// rejectUnstorable answers a well-formed frame carrying text no database
+// can hold (H11) the way that frame type answers any invalid argument: a
+// hello is rejected and closed, a send gets its rejection ack (never the
+// retryable "not stored"), anything else an error frame.
+func (w *wsConn) rejectUnstorable(h protocol.Head, err error) {
+	switch {
+	case (h.Type == "hello" || h.Type == "session_hello") && w.presence == nil:
+		w.logAt(slog.LevelInfo, "hello rejected", "code", protocol.CodeInvalidArgument)
+		w.reply(protocol.ErrorFrame{Type: "error", Code: protocol.CodeInvalidArgument, Message: h.Type + " rejected: " + err.Error()})
+		w.Close(protocol.HandshakeClose(protocol.CodeInvalidArgument))
+	case h.Type == "send" && w.presence != nil:
+		w.sendsPending.Wait() // the rejection keeps its place among the acks (D8)
+		w.reply(protocol.Ack{Type: "ack", ID: h.ID, Error: "invalid_argument: " + err.Error()})
+	default:
+		w.reply(protocol.NewError(protocol.CodeInvalidArgument, err.Error(), h))
 	}
 }
 

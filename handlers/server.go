@@ -7,10 +7,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -351,7 +354,10 @@ type hookReply struct {
 }
 
 // handleHookSetStatus is POST /hook/set-status (03 §3.2), in its order:
-// count, size cap, parse, rate limit, validate, apply, drain.
+// count, size cap, parse, per-address limit, text checks, per-(pid, cwd)
+// limit, validate, apply, drain. The route is unauthenticated, so nothing
+// a request sends is kept before it has passed the per-address limit and
+// the cwd length cap (issue 13).
 func (s *Server) handleHookSetStatus(c echo.Context) error {
 	s.svc.Metrics.HookRequests.Inc()
 	start := s.now()
@@ -369,13 +375,27 @@ func (s *Server) handleHookSetStatus(c echo.Context) error {
 		// status code so hook clients behave the same.
 		return c.JSON(http.StatusInternalServerError, hookReply{Error: "invalid JSON: " + err.Error()})
 	}
+	addr := s.hookClientAddr(c.Request())
+	if !s.svc.Status.HookAddrAllowed(addr) {
+		s.svc.Metrics.HookRateLimited.Inc()
+		s.log.Warn("hook rate limited", "addr", addr.String())
+		return c.JSON(http.StatusTooManyRequests, hookReply{Error: "rate limited"})
+	}
+	if len(req.Cwd) > services.MaxHookCwdBytes+2 { // the raw value: its quotes and escapes count
+		if cwd, _ := protocol.RawString(req.Cwd); len(cwd) > services.MaxHookCwdBytes {
+			return c.JSON(http.StatusBadRequest, hookReply{Error: fmt.Sprintf("cwd longer than %d bytes", services.MaxHookCwdBytes)})
+		}
+	}
+	if err := protocol.CheckStorableText(body); err != nil {
+		return c.JSON(http.StatusBadRequest, hookReply{Error: err.Error()})
+	}
 	cwd, _ := protocol.RawString(req.Cwd)
 	status, _ := protocol.RawString(req.Status)
 	pidF, _ := protocol.RawNumber(req.Pid)
 	pid := int(pidF)
 	if !s.svc.Status.HookAllowed(pid, cwd) {
 		s.svc.Metrics.HookRateLimited.Inc()
-		s.log.Warn("hook rate limited", "cwd", cwd, "pid", pid)
+		s.log.Warn("hook rate limited", "addr", addr.String(), "cwd", logCwd(cwd), "pid", pid)
 		return c.JSON(http.StatusTooManyRequests, hookReply{Error: "rate limited"})
 	}
 	if cwd == "" || status == "" {
@@ -385,15 +405,52 @@ func (s *Server) handleHookSetStatus(c echo.Context) error {
 		return c.JSON(http.StatusBadRequest, hookReply{Error: "invalid status"})
 	}
 	res, err := s.svc.Status.Hook(c.Request().Context(), services.HookRequest{Cwd: cwd, Pid: pid, Status: status})
+	if errors.Is(err, services.ErrPendingFull) {
+		s.svc.Metrics.HookRateLimited.Inc()
+		s.log.Warn("hook not parked: pending_status full", "addr", addr.String(), "max", s.cfg.HookPendingMax)
+		return c.JSON(http.StatusTooManyRequests, hookReply{Error: "too many pending statuses"})
+	}
 	if err != nil {
 		s.log.Error("hook handler error", "err", err)
 		return c.JSON(http.StatusInternalServerError, hookReply{Error: "internal error"})
 	}
-	s.log.Info("hook", "route", "POST /hook/set-status", "cwd", cwd, "pid", pid, "status", status, "presence_id", res.PresenceID,
+	s.log.Info("hook", "route", "POST /hook/set-status", "cwd", logCwd(cwd), "pid", pid, "status", status, "presence_id", res.PresenceID,
 		"pending", res.Pending, "latency_ms", s.now().Sub(start).Milliseconds())
 	if res.Pending {
 		return c.JSON(http.StatusOK, hookReply{OK: true, Pending: true})
 	}
 	s.svc.Messaging.TriggerDrain(res.PresenceID)
 	return c.JSON(http.StatusOK, hookReply{OK: true, PresenceID: res.PresenceID})
+}
+
+// hookClientAddr is the address the hook route limits by: the connection's
+// peer, or, when HOOK_CLIENT_IP_HEADER names a header a trusted proxy sets,
+// that header's last entry (the one the nearest proxy wrote; earlier
+// entries of a list are whatever the client sent). An unparsable value is
+// the zero Addr, whose requests share one bucket.
+func (s *Server) hookClientAddr(r *http.Request) netip.Addr {
+	if h := s.cfg.HookClientIPHeader; h != "" {
+		if v := r.Header.Values(h); len(v) > 0 {
+			last := v[len(v)-1]
+			if i := strings.LastIndexByte(last, ','); i >= 0 {
+				last = last[i+1:]
+			}
+			if a, err := netip.ParseAddr(strings.TrimSpace(last)); err == nil {
+				return a
+			}
+		}
+	}
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		return ap.Addr()
+	}
+	return netip.Addr{}
+}
+
+// logCwd keeps a hook's cwd short enough for a log line.
+func logCwd(cwd string) string {
+	const max = 256
+	if len(cwd) <= max {
+		return cwd
+	}
+	return cwd[:max] + "..."
 }

@@ -28,7 +28,9 @@ type rawHead struct {
 }
 
 // DecodeHead parses the frame far enough to dispatch it. The error says
-// what is wrong, for an error frame with code malformed.
+// what is wrong, for an error frame with code malformed, except one that
+// wraps ErrUnstorableText: that frame is well formed (its Head is filled)
+// and gets invalid_argument.
 func DecodeHead(data []byte) (Head, error) {
 	var h rawHead
 	return decodeHead(data, &h, &h)
@@ -71,7 +73,11 @@ func decodeHead(data []byte, dst any, raw *rawHead) (Head, error) {
 	}
 	id, _ := rawString(raw.ID)
 	req, _ := rawString(raw.ReqID)
-	return Head{Type: typ, ID: id, ReqID: req}, nil
+	h := Head{Type: typ, ID: id, ReqID: req}
+	if err := CheckStorableText(trimmed); err != nil {
+		return h, err // the head is known: the reply echoes its ids (H11)
+	}
+	return h, nil
 }
 
 // Decode fills v (a pointer to one of the inbound frame structs) from data.

@@ -57,7 +57,7 @@ type MessagingService struct {
 	status   *StatusService
 	members  *MemberDirectory
 	audit    SendAuditor
-	limiter  *TokenBuckets
+	limiter  *Limiters[string] // member id -> send bucket
 
 	drains sync.WaitGroup      // running drain goroutines
 	topics *ttlCache[[]string] // member id -> its `#topic` targets, for drains; guards itself
@@ -119,7 +119,7 @@ func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, 
 	m := &MessagingService{
 		cfg: cfg, log: log.With("svc", "messaging"), metrics: metrics, now: now, presence: presence, queue: queue,
 		status: status, members: members, audit: audit,
-		limiter:    NewTokenBuckets(cfg.SendRateBurst, cfg.SendRatePerMin, now),
+		limiter:    NewLimiters[string](cfg.SendRateBurst, cfg.SendRatePerMin, sendLimiterKeys),
 		deliveries: map[string]*delivery{}, accepting: map[string]*acceptWait{},
 		multicast: newRecentIDs(1 << 16), topics: newTTLCache[[]string](cfg.MemberCacheTTL, 100_000),
 		schedSenders: newTTLCache[*MemberRow](cfg.MemberCacheTTL, 10_000),
@@ -738,7 +738,7 @@ func (m *MessagingService) send(ctx context.Context, st *sendState, sender *Conn
 		}
 		defer m.finishAccept(key)
 	}
-	if !st.scheduled && !m.limiter.Take(sender.MemberID) {
+	if !st.scheduled && !m.limiter.Take(sender.MemberID, m.now()) {
 		m.metrics.MessagesRejected.WithLabelValues("rate_limit").Inc()
 		m.setAccepted(key, rejectAck(req.ID, errRateLimit))
 		reply(rejectAck(req.ID, errRateLimit))
@@ -1074,8 +1074,12 @@ func senderKey(c *Conn) string {
 	return c.MemberPubkey
 }
 
-// GCBuckets drops idle send rate-limit buckets.
-func (m *MessagingService) GCBuckets() { m.limiter.GC(m.cfg.RateLimitIdle) }
+// sendLimiterKeys bounds the send buckets kept; the keys are member ids of
+// authenticated senders, so this is never reached in practice.
+const sendLimiterKeys = 100_000
+
+// GCBuckets drops send rate-limit buckets that have refilled.
+func (m *MessagingService) GCBuckets() { m.limiter.Sweep(m.now()) }
 
 // recentIDs is a bounded set that forgets its oldest ids first. Not safe
 // for concurrent use: the owner's lock guards it.

@@ -118,6 +118,12 @@ type Conn struct {
 	ConnectedAt   time.Time
 	seq           uint64
 
+	// groupsWrite serializes join_group and leave_group of this presence
+	// (two sockets may briefly share it during a takeover) from reading
+	// groups to publishing the saved list, so a write never publishes a
+	// list computed from a stale one.
+	groupsWrite sync.Mutex
+
 	// Guarded by PresenceService.mu.
 	sessionID   string
 	hasSID      bool

@@ -70,45 +70,66 @@ func (p *PresenceService) SetProfile(c *Conn, frame map[string]json.RawMessage) 
 	p.mu.Unlock()
 }
 
-// JoinGroup adds or replaces a group of this connection (02 §9).
+// JoinGroup adds or replaces a group of this connection (02 §9). The new
+// list is published in memory only once the row holds it: a failed save
+// changes nothing, so the next join or leave starts from what is stored.
 func (p *PresenceService) JoinGroup(ctx context.Context, c *Conn, g protocol.Group) error {
-	p.mu.Lock()
-	next := make([]protocol.Group, 0, len(c.groups)+1)
-	replaced := false
-	for _, e := range c.groups {
-		if e.Name == g.Name {
-			if !replaced {
-				next = append(next, g)
-				replaced = true
+	return p.updateGroups(ctx, c, func(groups []protocol.Group) []protocol.Group {
+		next := make([]protocol.Group, 0, len(groups)+1)
+		replaced := false
+		for _, e := range groups {
+			if e.Name == g.Name {
+				if !replaced {
+					next = append(next, g)
+					replaced = true
+				}
+				continue
 			}
-			continue
-		}
-		next = append(next, e)
-	}
-	if !replaced {
-		next = append(next, g)
-	}
-	c.groups = next
-	p.mu.Unlock()
-	return p.saveGroups(ctx, c, next)
-}
-
-// LeaveGroup removes every group of that name from this connection.
-func (p *PresenceService) LeaveGroup(ctx context.Context, c *Conn, name string) error {
-	p.mu.Lock()
-	next := make([]protocol.Group, 0, len(c.groups))
-	for _, e := range c.groups {
-		if e.Name != name {
 			next = append(next, e)
 		}
+		if !replaced {
+			next = append(next, g)
+		}
+		return next
+	})
+}
+
+// LeaveGroup removes every group of that name from this connection, on
+// the same terms as JoinGroup.
+func (p *PresenceService) LeaveGroup(ctx context.Context, c *Conn, name string) error {
+	return p.updateGroups(ctx, c, func(groups []protocol.Group) []protocol.Group {
+		next := make([]protocol.Group, 0, len(groups))
+		for _, e := range groups {
+			if e.Name != name {
+				next = append(next, e)
+			}
+		}
+		return next
+	})
+}
+
+// updateGroups computes the next group list from the current one, saves
+// it, and only then publishes it.
+func (p *PresenceService) updateGroups(ctx context.Context, c *Conn, change func([]protocol.Group) []protocol.Group) error {
+	c.groupsWrite.Lock()
+	defer c.groupsWrite.Unlock()
+	p.mu.RLock()
+	next := change(c.groups)
+	p.mu.RUnlock()
+	if err := p.saveGroups(ctx, c, next); err != nil {
+		return err
 	}
+	p.mu.Lock()
 	c.groups = next
 	p.mu.Unlock()
-	return p.saveGroups(ctx, c, next)
+	return nil
 }
 
 func (p *PresenceService) saveGroups(ctx context.Context, c *Conn, groups []protocol.Group) error {
-	b, _ := json.Marshal(groups)
+	b, err := json.Marshal(groups)
+	if err != nil {
+		return fmt.Errorf("encode groups: %w", err)
+	}
 	if err := p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("presence")+" SET groups = ? WHERE id = ?", models.JSON(b), c.PresenceID).Error; err != nil {
 		return fmt.Errorf("save groups: %w", err)
 	}

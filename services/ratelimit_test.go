@@ -1,36 +1,47 @@
 package services
 
 import (
-	"strconv"
 	"testing"
 	"time"
 )
 
-// The hook limiter is keyed by what unauthenticated callers send: a flood
-// of fresh keys must not grow the set of buckets without bound.
-func TestTokenBucketsBounded(t *testing.T) {
-	const bucketBound = 100_000 // maxTokenBuckets
-	now := time.Unix(1_000_000, 0)
-	tb := NewTokenBuckets(30, 30, func() time.Time { return now })
-	for i := range bucketBound * 3 {
-		if !tb.Take("k" + strconv.Itoa(i)) {
-			t.Fatalf("fresh key %d refused", i)
-		}
-		if i%1000 == 0 {
-			now = now.Add(time.Millisecond)
+// Limiters keep a burst per key, refill continuously, forget a key once its
+// bucket is full again, and never hold more than max keys.
+func TestLimitersBoundedAndReleased(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	l := NewLimiters[int](30, 30, 100) // the hook defaults: full again 60 s after the last take
+	for i := range 30 {
+		if !l.Take(1, now) {
+			t.Fatalf("take %d of a new bucket refused", i)
 		}
 	}
-	tb.mu.Lock()
-	n := len(tb.buckets)
-	tb.mu.Unlock()
-	if n > bucketBound {
-		t.Fatalf("%d buckets after %d fresh keys, want at most %d", n, bucketBound*3, bucketBound)
+	if l.Take(1, now) {
+		t.Fatal("31st take in the same instant allowed")
 	}
-	// A key that spent its tokens stays limited while the set is not full.
-	for range 30 {
-		tb.Take("busy")
+	if !l.Take(1, now.Add(2*time.Second)) || l.Take(1, now.Add(2*time.Second)) {
+		t.Fatal("2 s at 30/min should refill exactly one token")
 	}
-	if tb.Take("busy") {
-		t.Fatal("an empty bucket granted a token")
+	for k := 2; k <= 1000; k++ { // a flood of distinct keys
+		l.Take(k, now.Add(3*time.Second))
+	}
+	if n := l.Len(); n != 100 {
+		t.Fatalf("%d buckets kept, want the cap of 100", n)
+	}
+	l.Sweep(now.Add(3*time.Second + 59*time.Second))
+	if n := l.Len(); n != 100 {
+		t.Fatalf("swept %d buckets that were not full yet", 100-n)
+	}
+	l.Sweep(now.Add(3*time.Second + 60*time.Second))
+	if n := l.Len(); n != 0 {
+		t.Fatalf("%d buckets kept a minute after their last take", n)
+	}
+	// A take also releases the idle ones, without the timer.
+	l.Take(1, now.Add(time.Hour))
+	l.Take(2, now.Add(time.Hour+61*time.Second))
+	if n := l.Len(); n != 1 {
+		t.Fatalf("%d buckets after a take past the idle one's refill, want 1", n)
+	}
+	if u := NewLimiters[string](10, 0, 10); !u.Take("x", now) || u.Len() != 0 {
+		t.Fatal("perMinute 0 must be unlimited and keep nothing")
 	}
 }

@@ -50,16 +50,49 @@ var internalPrefixes = []struct {
 	{netip.MustParsePrefix("ff00::/8"), "multicast"},
 }
 
-// nat64 embeds an IPv4 address in its last 32 bits (RFC 6052).
-var nat64 = netip.MustParsePrefix("64:ff9b::/96")
+// IPv6 ranges that carry an IPv4 destination inside the address: traffic to
+// them ends up at that IPv4 address (through a NAT64 gateway, a 6to4 relay
+// or a Teredo relay), so they are judged by the IPv4 rules too.
+var (
+	nat64     = netip.MustParsePrefix("64:ff9b::/96")   // RFC 6052: IPv4 in the last 32 bits
+	nat64Site = netip.MustParsePrefix("64:ff9b:1::/48") // RFC 8215 local-use NAT64: a site's own translator
+	sixToFour = netip.MustParsePrefix("2002::/16")      // RFC 3056: IPv4 in bits 16-47
+	teredo    = netip.MustParsePrefix("2001::/32")      // RFC 4380: server IPv4 in bits 32-63, client IPv4 inverted in the last 32
+)
+
+// embeddedIPv4 returns the IPv4 addresses an IPv6 address a routes to by
+// construction, with the name of the mechanism.
+func embeddedIPv4(a netip.Addr) (mechanism string, v4 []netip.Addr) {
+	b := a.As16()
+	switch {
+	case nat64.Contains(a):
+		return "NAT64", []netip.Addr{netip.AddrFrom4([4]byte{b[12], b[13], b[14], b[15]})}
+	case sixToFour.Contains(a):
+		return "6to4", []netip.Addr{netip.AddrFrom4([4]byte{b[2], b[3], b[4], b[5]})}
+	case teredo.Contains(a):
+		return "Teredo", []netip.Addr{
+			netip.AddrFrom4([4]byte{b[4], b[5], b[6], b[7]}),
+			netip.AddrFrom4([4]byte{^b[12], ^b[13], ^b[14], ^b[15]}),
+		}
+	}
+	return "", nil
+}
 
 // internalKind names the internal range a belongs to, or "" for a public
-// address. IPv4-mapped and NAT64 addresses are judged by their IPv4 part.
+// address. IPv4-mapped addresses are judged as IPv4; NAT64, 6to4 and Teredo
+// addresses by every IPv4 address they embed as well as by themselves.
 func internalKind(a netip.Addr) string {
 	a = a.WithZone("").Unmap()
-	if a.Is6() && nat64.Contains(a) {
-		b := a.As16()
-		a = netip.AddrFrom4([4]byte{b[12], b[13], b[14], b[15]})
+	if a.Is6() {
+		if nat64Site.Contains(a) {
+			return "local-use NAT64"
+		}
+		mechanism, v4 := embeddedIPv4(a)
+		for _, e := range v4 {
+			if kind := internalKind(e); kind != "" {
+				return kind + " (via " + mechanism + ")"
+			}
+		}
 	}
 	for _, p := range internalPrefixes {
 		if p.prefix.Contains(a) {

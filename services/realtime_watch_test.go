@@ -37,6 +37,35 @@ func rtNewRealtime(t *testing.T, allowPrivate bool) *Realtime {
 	return r
 }
 
+// Issue 13 item 8: 6to4 and Teredo addresses reach the IPv4 address they
+// embed, so they are refused when it is internal, like NAT64 and mapped
+// ones.
+func TestSSRFBlocks6to4AndTeredo(t *testing.T) {
+	for _, tt := range []struct{ addr, kind string }{
+		{"2002:7f00:1::", "loopback (via 6to4)"},                          // 127.0.0.1
+		{"2002:a9fe:a9fe::1", "link-local (via 6to4)"},                    // 169.254.169.254
+		{"2002:c0a8:0101:5::9", "private (via 6to4)"},                     // 192.168.1.1
+		{"2002:0a00:0001::", "private (via 6to4)"},                        // 10.0.0.1
+		{"2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback (via Teredo)"}, // client ^7f000001
+		{"2001:0:a9fe:a9fe::1234", "link-local (via Teredo)"},             // server 169.254.169.254
+		{"2001:0:4136:e378:8000:63bf:f5ff:fffe", "private (via Teredo)"},  // client ^0a000001
+		{"64:ff9b::7f00:1", "loopback (via NAT64)"},
+		{"64:ff9b:1::a9fe:a9fe", "local-use NAT64"},
+		{"::ffff:169.254.169.254", "link-local"},
+		{"2002:0808:0808::1", ""},                    // 6to4 of 8.8.8.8
+		{"2001:0:4136:e378:8000:63bf:3fff:fdd2", ""}, // RFC 4380's example: server 65.54.227.120, client 192.0.2.45
+		{"2001:db8::1", ""},
+		{"64:ff9b::808:808", ""},
+	} {
+		if got := internalKind(netip.MustParseAddr(tt.addr)); got != tt.kind {
+			t.Errorf("%s: %q, want %q", tt.addr, got, tt.kind)
+		}
+		if err := refuseInternal(netip.MustParseAddr(tt.addr)); (err != nil) != (tt.kind != "") {
+			t.Errorf("%s: refuseInternal %v", tt.addr, err)
+		}
+	}
+}
+
 func TestInternalKind(t *testing.T) {
 	for _, tt := range []struct{ addr, kind string }{
 		{"127.0.0.1", "loopback"},
@@ -45,7 +74,7 @@ func TestInternalKind(t *testing.T) {
 		{"::", "IPv4-compatible"},
 		{"::ffff:127.0.0.1", "loopback"},
 		{"::ffff:10.0.0.1", "private"},
-		{"64:ff9b::a9fe:a9fe", "link-local"}, // NAT64 of 169.254.169.254
+		{"64:ff9b::a9fe:a9fe", "link-local (via NAT64)"}, // NAT64 of 169.254.169.254
 		{"10.2.3.4", "private"},
 		{"172.31.255.255", "private"},
 		{"192.168.1.1", "private"},

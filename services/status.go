@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
@@ -29,12 +30,15 @@ import (
 // presence is serialized by its record's writeMu so two writers cannot
 // reorder their database updates.
 type StatusService struct {
-	cfg     config.Config
-	db      *models.DB
-	log     *slog.Logger
-	metrics *Metrics
-	now     func() time.Time
-	hooks   *TokenBuckets
+	cfg      config.Config
+	db       *models.DB
+	log      *slog.Logger
+	metrics  *Metrics
+	now      func() time.Time
+	hookAddr *Limiters[netip.Prefix] // hook requests per remote address (IPv6 per /64)
+	hookKey  *Limiters[hookKey]      // hook requests per (pid, cwd), by digest
+
+	parkMu sync.Mutex // serializes parking, so HookPendingMax holds exactly for one process
 
 	onRelax func(presenceID string) // set during wiring: drain held messages
 
@@ -79,8 +83,9 @@ func sourceRank(s string) int {
 func NewStatusService(cfg config.Config, db *models.DB, log *slog.Logger, metrics *Metrics, now func() time.Time) *StatusService {
 	return &StatusService{
 		cfg: cfg, db: db, log: log.With("svc", "status"), metrics: metrics, now: now,
-		hooks: NewTokenBuckets(cfg.HookRateLimitPerMin, cfg.HookRateLimitPerMin, now),
-		recs:  map[string]*statusRecord{},
+		hookAddr: NewLimiters[netip.Prefix](cfg.HookAddrRateLimit, cfg.HookAddrRateLimit, hookLimiterKeys),
+		hookKey:  NewLimiters[hookKey](cfg.HookRateLimitPerMin, cfg.HookRateLimitPerMin, hookLimiterKeys),
+		recs:     map[string]*statusRecord{},
 	}
 }
 
@@ -186,13 +191,17 @@ func (s *StatusService) write(ctx context.Context, presenceID, newStatus, source
 	default:
 		setSource = source
 	}
-	r.status, r.source, r.updatedAt = setStatus, setSource, now
 	s.mu.Unlock()
+	// The mirror follows the row, never leads it: a failed update leaves
+	// both as they were (writeMu keeps the decision above valid meanwhile).
 	err = s.db.WithContext(ctx).Exec("UPDATE "+s.db.Table("presence")+" SET status = ?, status_source = ?, status_updated_at = ? WHERE id = ?",
 		setStatus, setSource, now.UTC(), presenceID).Error
 	if err != nil {
 		return false, fmt.Errorf("write status of %s: %w", presenceID, err)
 	}
+	s.mu.Lock()
+	r.status, r.source, r.updatedAt = setStatus, setSource, now
+	s.mu.Unlock()
 	return relaxes(old, setStatus), nil
 }
 
@@ -286,15 +295,45 @@ type HookResult struct {
 	Pending    bool   // parked in pending_status
 }
 
-// ErrRateLimited is returned by Hook when the (pid, cwd) bucket is empty.
-var ErrRateLimited = newError("rate_limited", "rate limited")
+// The hook route is unauthenticated, so everything it keeps is bounded
+// (issue 13): a cwd longer than a path can be is refused before anything is
+// kept for it; buckets are keyed by fixed-size values (a remote address
+// prefix, a digest of pid and cwd), at most hookLimiterKeys of each, and
+// dropped once refilled (within a minute at the defaults); parked statuses
+// are one row per (pid, cwd), at most HookPendingMax rows in all.
+
+// MaxHookCwdBytes is the longest cwd the hook route accepts: PATH_MAX.
+const MaxHookCwdBytes = 4096
+
+// hookLimiterKeys bounds each of the hook route's bucket sets.
+const hookLimiterKeys = 16_384
+
+// hookKey is the digest of "<pid>:<cwd>" that keys a hook bucket.
+type hookKey [16]byte
+
+// ErrPendingFull is returned by Hook when parking the status would exceed
+// HookPendingMax rows.
+var ErrPendingFull = newError("rate_limited", "too many pending statuses")
+
+// HookAddrAllowed spends one token of the remote address's bucket. IPv6
+// addresses share a bucket per /64, the block one subscriber gets.
+func (s *StatusService) HookAddrAllowed(addr netip.Addr) bool {
+	addr = addr.Unmap()
+	bits := 32
+	if addr.Is6() {
+		bits = 64
+	}
+	prefix, err := addr.Prefix(bits)
+	if err != nil { // not an address: all such requests share one bucket
+		prefix = netip.Prefix{}
+	}
+	return s.hookAddr.Take(prefix, s.now())
+}
 
 // HookAllowed spends one token of the (pid, cwd) bucket (03 §3.2 step 4).
 func (s *StatusService) HookAllowed(pid int, cwd string) bool {
-	// Keyed by a hash: the caller is unauthenticated and cwd may be as long
-	// as a body, and the bucket outlives the request by RATE_LIMIT_IDLE.
 	sum := sha256.Sum256([]byte(strconv.Itoa(pid) + ":" + cwd))
-	return s.hooks.Take(string(sum[:]))
+	return s.hookKey.Take(hookKey(sum[:16]), s.now())
 }
 
 // Hook applies a Claude Code hook report (03 §3.2 steps 6-10). The caller
@@ -318,10 +357,8 @@ func (s *StatusService) Hook(ctx context.Context, req HookRequest) (HookResult, 
 		}
 	}
 	if len(rows) == 0 {
-		err := s.db.WithContext(ctx).Exec("INSERT INTO "+s.db.Table("pending_status")+" (id, pid, cwd, status, status_source, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-			models.NewID(), req.Pid, req.Cwd, req.Status, SourceHook, now.UTC()).Error
-		if err != nil {
-			return HookResult{}, fmt.Errorf("park hook status: %w", err)
+		if err := s.park(ctx, req, now); err != nil {
+			return HookResult{}, err
 		}
 		return HookResult{Pending: true}, nil
 	}
@@ -338,6 +375,42 @@ func (s *StatusService) Hook(ctx context.Context, req HookRequest) (HookResult, 
 		}
 	}
 	return HookResult{PresenceID: id}, nil
+}
+
+// park stores a hook status for a presence that does not exist yet (03
+// §3.3). Only the newest status per (pid, cwd) can ever apply, so it
+// replaces an earlier row of the same pair instead of adding one; a new
+// pair is inserted only while the table holds fewer than HookPendingMax
+// rows (expired rows count until the sweeper deletes them, so the bound is
+// on the table, not on a window). Within one process parkMu makes the
+// count and the insert one step; broker instances sharing a database can
+// overshoot by one row each at most.
+func (s *StatusService) park(ctx context.Context, req HookRequest, now time.Time) error {
+	tbl := s.db.Table("pending_status")
+	s.parkMu.Lock()
+	defer s.parkMu.Unlock()
+	res := s.db.WithContext(ctx).Exec("UPDATE "+tbl+" SET status = ?, status_source = ?, created_at = ?, applied_at = NULL WHERE pid = ? AND cwd = ?",
+		req.Status, SourceHook, now.UTC(), req.Pid, req.Cwd)
+	if res.Error != nil {
+		return fmt.Errorf("park hook status: %w", res.Error)
+	}
+	if res.RowsAffected > 0 {
+		return nil
+	}
+	values := "?, ?, ?, ?, ?, ?" // SQLite: a CAST to timestamp would make the time a number
+	if s.db.Dialect == models.DialectPostgres {
+		values = "?, CAST(? AS integer), ?, ?, ?, CAST(? AS timestamp)" // a bare parameter in a SELECT list is text
+	}
+	res = s.db.WithContext(ctx).Exec("INSERT INTO "+tbl+" (id, pid, cwd, status, status_source, created_at)"+
+		" SELECT "+values+" WHERE (SELECT count(*) FROM "+tbl+") < ?",
+		models.NewID(), req.Pid, req.Cwd, req.Status, SourceHook, now.UTC(), s.cfg.HookPendingMax)
+	if res.Error != nil {
+		return fmt.Errorf("park hook status: %w", res.Error)
+	}
+	if res.RowsAffected == 0 {
+		return ErrPendingFull
+	}
+	return nil
 }
 
 // SweepTTL flips `working` rows older than StatusTTL to idle/jsonl (03 §5)
@@ -375,5 +448,13 @@ func (s *StatusService) SweepPending(ctx context.Context) error {
 	return nil
 }
 
-// GCBuckets drops idle hook rate-limit buckets.
-func (s *StatusService) GCBuckets() { s.hooks.GC(s.cfg.RateLimitIdle) }
+// GCBuckets drops hook rate-limit buckets that have refilled.
+func (s *StatusService) GCBuckets() {
+	now := s.now()
+	s.hookAddr.Sweep(now)
+	s.hookKey.Sweep(now)
+}
+
+// HookBuckets is how many hook rate-limit buckets are kept (per address,
+// per key), for tests and metrics.
+func (s *StatusService) HookBuckets() (perAddr, perKey int) { return s.hookAddr.Len(), s.hookKey.Len() }
