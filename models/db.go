@@ -11,9 +11,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/glebarez/sqlite"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
+	sqlite "github.com/libtnb/sqlite"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/schema"
@@ -75,6 +75,18 @@ type DB struct {
 // meshbroker.db under dataDir, creating the directory if needed. Open checks
 // that the database answers but does not create tables: call Bootstrap.
 func Open(ctx context.Context, databaseURL, dataDir string, logger *slog.Logger) (*DB, error) {
+	return OpenWith(ctx, databaseURL, dataDir, logger, Options{})
+}
+
+// Options are the storage settings beyond the URL.
+type Options struct {
+	// SQLiteSynchronous is the embedded database's PRAGMA synchronous:
+	// "NORMAL" (the default when empty) or "FULL".
+	SQLiteSynchronous string
+}
+
+// OpenWith is Open with opts.
+func OpenWith(ctx context.Context, databaseURL, dataDir string, logger *slog.Logger, opts Options) (*DB, error) {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
@@ -82,7 +94,7 @@ func Open(ctx context.Context, databaseURL, dataDir string, logger *slog.Logger)
 	case strings.HasPrefix(databaseURL, "postgres://"), strings.HasPrefix(databaseURL, "postgresql://"):
 		return openPostgres(ctx, databaseURL, logger)
 	case databaseURL == "":
-		return openSQLite(ctx, dataDir, logger)
+		return openSQLite(ctx, dataDir, logger, opts)
 	default:
 		// Never echo the URL: it may carry a password.
 		return nil, errors.New("open database: DATABASE_URL must start with postgres:// or postgresql://")
@@ -116,7 +128,7 @@ func openPostgres(ctx context.Context, databaseURL string, logger *slog.Logger) 
 	cfg, err := pgx.ParseConfig(databaseURL)
 	if err != nil {
 		// pgx's message can quote the URL; keep only that it failed to parse.
-		return nil, errors.New("open postgres: DATABASE_URL is not a valid connection URL")
+		return nil, errInvalidURL
 	}
 	// `DEFAULT now()` on a timestamp-without-time-zone column stores the
 	// session's local wall-clock time; pinning the session to UTC makes
@@ -140,7 +152,15 @@ func openPostgres(ctx context.Context, databaseURL string, logger *slog.Logger) 
 	return db, nil
 }
 
-func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger) (*DB, error) {
+func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger, opts Options) (*DB, error) {
+	synchronous := strings.ToUpper(opts.SQLiteSynchronous)
+	switch synchronous {
+	case "":
+		synchronous = "NORMAL"
+	case "NORMAL", "FULL":
+	default:
+		return nil, fmt.Errorf("open sqlite: synchronous must be NORMAL or FULL, not %q", opts.SQLiteSynchronous)
+	}
 	if dataDir == "" {
 		return nil, errors.New("open sqlite: no data directory given")
 	}
@@ -158,8 +178,9 @@ func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger) (*DB, 
 		"_pragma=journal_mode(WAL)",
 		"_pragma=foreign_keys(1)",
 		// NORMAL is durable across application crashes in WAL mode; only an OS
-		// crash or power loss can drop the last transactions.
-		"_pragma=synchronous(NORMAL)",
+		// crash or power loss can drop the last transactions. FULL syncs the
+		// WAL at every commit and survives those too (SQLITE_SYNCHRONOUS).
+		"_pragma=synchronous(" + synchronous + ")",
 		// Take the write lock at BEGIN so two processes on one file never
 		// deadlock upgrading read locks; waiting is bounded by busy_timeout.
 		"_txlock=immediate",
@@ -198,6 +219,9 @@ func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger) (*DB, 
 	}
 	return db, nil
 }
+
+// errInvalidURL is a DATABASE_URL that no retry can fix.
+var errInvalidURL = errors.New("open postgres: DATABASE_URL is not a valid connection URL")
 
 // IsPostgres reports whether db runs on Postgres.
 func (db *DB) IsPostgres() bool { return db.Dialect == DialectPostgres }
