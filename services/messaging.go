@@ -86,8 +86,9 @@ func (d *delivery) compactLocked() {
 // inflight is one pushed, unacked row: the socket it went to and when its
 // claim runs out.
 type inflight struct {
-	out Outbox
-	exp time.Time
+	out    Outbox
+	exp    time.Time
+	pushed time.Time // offered to the socket, for meshbroker_push_ack_seconds
 }
 
 type acceptWait struct {
@@ -311,6 +312,8 @@ func (m *MessagingService) Stop() {
 func (m *MessagingService) drain(d *delivery) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	started := time.Now()
+	defer func() { m.metrics.DrainDuration.Observe(time.Since(started).Seconds()) }()
 	c := d.conn
 	stopDraining := func() {
 		d.mu.Lock()
@@ -416,6 +419,7 @@ func drainTargets(c *Conn, groups []protocol.Group) []string {
 func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Outbox, rows []ClaimedRow) bool {
 	senderKeys := m.senderKeys(ctx, rows)
 	expiry := m.now().Add(m.cfg.ClaimLease)
+	pushedAt := time.Now() // real time, not the service clock: a latency metric
 	var unsent, seen []string
 	d.mu.Lock()
 	for i, r := range rows {
@@ -443,7 +447,7 @@ func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Out
 			d.backlog = true
 			break
 		}
-		d.inflight[r.ID] = inflight{out: out, exp: expiry}
+		d.inflight[r.ID] = inflight{out: out, exp: expiry, pushed: pushedAt}
 		d.peak = max(d.peak, len(d.inflight))
 		m.metrics.MessagesRouted.WithLabelValues(r.Priority).Inc()
 	}
@@ -562,8 +566,9 @@ func (m *MessagingService) ClientAck(ctx context.Context, c *Conn, brokerID, cli
 	if d != nil {
 		d.mu.Lock()
 		d.everAcked = true
-		_, mine := d.inflight[brokerID]
+		sent, mine := d.inflight[brokerID]
 		if mine {
+			m.metrics.PushAckLatency.Observe(time.Since(sent.pushed).Seconds())
 			delete(d.inflight, brokerID)
 			d.compactLocked()
 		}
