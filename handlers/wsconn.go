@@ -63,7 +63,7 @@ type wsConn struct {
 
 	// Owned by the reader: serve's loop and the frame goroutine it waits for.
 	presence      *services.Conn
-	peerClose     int // close code the peer sent, 0 if none
+	peerClose     int             // close code the peer sent, 0 if none
 	completions   chan completion // pipelined sends, to completeSends; made at the first send, closed by serve
 	completerDone chan struct{}   // closed when completeSends has finished
 	sendsPending  sync.WaitGroup  // pipelined sends not yet acked; Add by the reader, Done by completeSends
