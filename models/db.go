@@ -68,6 +68,8 @@ const sqliteBusyTimeout = 10 * time.Second
 type DB struct {
 	*gorm.DB
 	Dialect Dialect
+
+	checkpoints *checkpointer // SQLite only: WAL checkpoints off the write path
 }
 
 // Open connects to the database. A databaseURL starting with "postgres://" or
@@ -177,6 +179,9 @@ func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger, opts O
 		fmt.Sprintf("_pragma=busy_timeout(%d)", sqliteBusyTimeout.Milliseconds()),
 		"_pragma=journal_mode(WAL)",
 		"_pragma=foreign_keys(1)",
+		// Checkpoints run on a connection of their own (checkpoint.go).
+		"_pragma=wal_autocheckpoint(0)",
+		"_pragma=journal_size_limit(67108864)",
 		// NORMAL is durable across application crashes in WAL mode; only an OS
 		// crash or power loss can drop the last transactions. FULL syncs the
 		// WAL at every commit and survives those too (SQLITE_SYNCHRONOUS).
@@ -217,6 +222,15 @@ func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger, opts O
 		db.Close()
 		return nil, fmt.Errorf("open sqlite %s: journal mode is %q, want wal", path, mode)
 	}
+	ckConn := sql.OpenDB(connector)
+	ckConn.SetMaxOpenConns(1)
+	ckConn.SetMaxIdleConns(1)
+	if err := ckConn.PingContext(ctx); err != nil {
+		ckConn.Close()
+		db.Close()
+		return nil, fmt.Errorf("open sqlite %s: checkpoint connection: %w", path, err)
+	}
+	db.checkpoints = startCheckpointer(ckConn, logger)
 	return db, nil
 }
 
@@ -263,8 +277,15 @@ func (db *DB) Close() error {
 	if err != nil {
 		return err
 	}
+	var ckErr error
+	if db.checkpoints != nil {
+		ckErr = db.checkpoints.close()
+	}
 	if err := sqlDB.Close(); err != nil {
 		return fmt.Errorf("close %s: %w", db.Dialect, err)
+	}
+	if ckErr != nil {
+		return fmt.Errorf("close %s checkpoint connection: %w", db.Dialect, ckErr)
 	}
 	return nil
 }

@@ -86,6 +86,8 @@ const (
 	// INSERT: eight arrays on Postgres; on SQLite 8 parameters a row, 8,192
 	// in all, below its limit of 32,766.
 	maxAuditBatch = 1024
+	// sqliteAuditRowsPerTx bounds one audit transaction on SQLite.
+	sqliteAuditRowsPerTx = 128
 	// auditPaceWait bounds how long RecordPaced waits for room in a full
 	// queue before the entry is given up: many batches' time for a writer
 	// that is merely behind.
@@ -313,7 +315,18 @@ func (a *AuditService) write(batch []auditEntry) {
 	defer a.metrics.AuditPending.Sub(float64(len(batch)))
 	defer a.stalled.Store(false)
 	for _, group := range groupByMesh(batch) {
-		a.appendGroup(group)
+		// On the embedded database a transaction holds its one connection
+		// from the tail read to the commit, and sends wait behind it: keep
+		// each one short (see sqliteStatementRows).
+		chunk := len(group)
+		if !a.db.IsPostgres() {
+			chunk = sqliteAuditRowsPerTx
+		}
+		for len(group) > 0 {
+			n := min(len(group), chunk)
+			a.appendGroup(group[:n])
+			group = group[n:]
+		}
 	}
 }
 
