@@ -52,8 +52,8 @@ type MessagingService struct {
 	audit    SendAuditor
 	limiter  *TokenBuckets
 
-	drains sync.WaitGroup      // running drain goroutines
-	topics *ttlCache[[]string] // member id -> its `#topic` targets, for drains; guards itself
+	drains sync.WaitGroup       // running drain goroutines
+	topics *loadCache[[]string] // member id -> its `#topic` targets, for drains; guards itself
 
 	mu         sync.Mutex
 	stopped    bool      // set by Stop: no new drains
@@ -112,7 +112,7 @@ func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, 
 		status: status, members: members, audit: audit,
 		limiter:    NewTokenBuckets(cfg.SendRateBurst, cfg.SendRatePerMin, now),
 		deliveries: map[string]*delivery{}, accepting: map[string]*acceptWait{},
-		multicast: newRecentIDs(1 << 16), topics: newTTLCache[[]string](cfg.MemberCacheTTL, 100_000),
+		multicast: newRecentIDs(1 << 16), topics: newLoadCache[[]string](cfg.MemberCacheTTL, 100_000),
 	}
 	presence.OnAttach(m.attached)
 	presence.OnDetach(m.detached)
@@ -358,16 +358,7 @@ func (m *MessagingService) drain(d *delivery) {
 // topicTargets is the member's `#topic` drain targets, cached for
 // MemberCacheTTL; this process's topic joins and leaves invalidate it.
 func (m *MessagingService) topicTargets(ctx context.Context, memberID string) ([]string, error) {
-	now := m.now()
-	if targets, ok := m.topics.get(memberID, now); ok {
-		return targets, nil
-	}
-	t, err := m.queue.TopicTargets(ctx, memberID)
-	if err != nil {
-		return nil, err
-	}
-	m.topics.put(memberID, t, now)
-	return t, nil
+	return m.topics.load(ctx, memberID, m.now(), func(ctx context.Context) ([]string, error) { return m.queue.TopicTargets(ctx, memberID) })
 }
 
 func (m *MessagingService) forgetTopics(memberID string) { m.topics.drop(memberID) }
