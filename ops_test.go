@@ -407,3 +407,29 @@ func TestExpectedMigrationHelpNamesSchemaVersion(t *testing.T) {
 		t.Fatalf("EXPECTED_MIGRATION help says %q, the schema is %q", config.KnownSchemaVersions, models.SchemaVersion)
 	}
 }
+
+// A socket whose peer goes quiet past the pong timeout is logged once, as
+// "ws stale terminate", with each key once (it had presence_id twice).
+func TestStaleTerminateLogLine(t *testing.T) {
+	// The heartbeat is far off, so the read deadline ends the socket
+	// before the watchdog looks at it.
+	b, logs := startLoggedBroker(t, "info", func(c *config.Config) { c.PingInterval, c.PongTimeout = 10*time.Second, 200*time.Millisecond })
+	f := b.fixture()
+	c := b.connect(f.a, client.Options{})
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("quiet socket not ended")
+	}
+	waitFor(t, 5*time.Second, "stale terminate line", func() bool { return len(logs.logLines(t, "ws stale terminate")) == 1 })
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, `"ws stale terminate"`) {
+			if n := strings.Count(l, `"presence_id":`); n != 1 {
+				t.Fatalf("presence_id %d times: %s", n, l)
+			}
+			if !strings.Contains(l, `"presence_id":"`+c.HelloAck.PresenceID+`"`) {
+				t.Fatalf("wrong presence: %s", l)
+			}
+		}
+	}
+}
