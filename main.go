@@ -60,14 +60,15 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		return 1
 	}
 	<-ctx.Done()
-	logger.Info("shutdown signal")
+	logger.Info("shutdown signal", "budget_ms", cfg.ShutdownTimeout.Milliseconds())
+	began := time.Now()
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if err := b.Close(shutdownCtx); err != nil {
-		logger.Error("shutdown", "err", err)
+		logger.Error("shutdown", "err", err, "duration_ms", time.Since(began).Milliseconds())
 		return 1
 	}
-	logger.Info("shutdown complete")
+	logger.Info("shutdown complete", "duration_ms", time.Since(began).Milliseconds())
 	return 0
 }
 
