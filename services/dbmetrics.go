@@ -15,8 +15,8 @@ import (
 // so gorm callbacks around each operation time it and count its failures.
 //
 // Concurrency: the callbacks run on the goroutine of the statement; the
-// start time travels in the statement's own instance settings, and the
-// collectors are safe for concurrent use.
+// start time travels in the statement's own settings, and the collectors
+// are safe for concurrent use.
 
 // dbOps are gorm's callback chains, which are also the op label values.
 var dbOps = []string{"create", "query", "update", "delete", "row", "raw"}
@@ -27,12 +27,15 @@ const dbStartKey = "meshbroker:start"
 // Statements run outside gorm (bootstrap's DDL on the raw connection) are
 // not counted.
 func InstrumentDB(db *models.DB, m *Metrics) error {
-	before := func(tx *gorm.DB) { tx.InstanceSet(dbStartKey, time.Now()) }
+	// The statement's own settings map, with a constant key: gorm's
+	// InstanceSet would format the statement's address into the key on
+	// every statement.
+	before := func(tx *gorm.DB) { tx.Statement.Settings.Store(dbStartKey, time.Now()) }
 	after := func(op string) func(*gorm.DB) {
 		hist := m.DBQuery.WithLabelValues(op)
 		errs := m.DBErrors.WithLabelValues(op)
 		return func(tx *gorm.DB) {
-			if v, ok := tx.InstanceGet(dbStartKey); ok {
+			if v, ok := tx.Statement.Settings.LoadAndDelete(dbStartKey); ok {
 				if start, ok := v.(time.Time); ok {
 					hist.Observe(time.Since(start).Seconds())
 				}
