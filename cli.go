@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -31,8 +32,14 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 	if args[0] == "healthcheck" {
 		return healthcheck(cfg, stderr)
 	}
+	if args[0] == "keygen" {
+		if len(args) > 1 {
+			return fail(2, "keygen takes no arguments")
+		}
+		return keygen(stdout, stderr)
+	}
 	cmd := args[0]
-	if len(args) > 1 && (cmd == "mesh" || cmd == "member" || cmd == "invite") {
+	if len(args) > 1 && (cmd == "mesh" || cmd == "member" || cmd == "invite") && !strings.HasPrefix(args[1], "-") {
 		cmd += " " + args[1]
 		args = args[2:]
 	} else {
@@ -42,7 +49,7 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 	fs.SetOutput(stderr)
 	var (
 		meshID    = fs.String("mesh", "", "mesh id")
-		pubkey    = fs.String("pubkey", "", "member public key, 64 lowercase hex")
+		pubkey    = fs.String("pubkey", "", "member public key, 64 hex characters (see meshbroker keygen)")
 		name      = fs.String("name", "", "display name")
 		role      = fs.String("role", "member", "admin or member")
 		member    = fs.String("member", "", "member id or pubkey")
@@ -66,7 +73,7 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 		}
 	}
 	switch cmd {
-	case "mesh create", "member add", "member revoke", "demo", "invite create", "invite list", "invite revoke":
+	case "mesh create", "mesh list", "member add", "member list", "member revoke", "demo", "invite create", "invite list", "invite revoke":
 	default:
 		return fail(2, "unknown command %q (see meshbroker --help)", cmd)
 	}
@@ -78,6 +85,12 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 	}
 	if cmd == "member revoke" && (*meshID == "" || *member == "") {
 		return fail(2, "member revoke needs --mesh and --member")
+	}
+	if cmd == "member list" && *meshID == "" {
+		return fail(2, "member list needs --mesh")
+	}
+	if (cmd == "mesh list" || cmd == "member list") && len(positional) > 0 {
+		return fail(2, "%s takes no positional arguments", cmd)
 	}
 	if strings.HasPrefix(cmd, "invite ") && *meshID == "" {
 		return fail(2, "%s needs --mesh", cmd)
@@ -125,6 +138,18 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 			return fail(2, "%v", err)
 		}
 		return print(id)
+	case "mesh list":
+		meshes, err := prov.ListMeshes(ctx)
+		if err != nil {
+			return fail(1, "%v", err)
+		}
+		return print(meshes)
+	case "member list":
+		members, err := prov.ListMembers(ctx, *meshID)
+		if err != nil {
+			return fail(2, "%v", err)
+		}
+		return print(members)
 	case "member revoke":
 		if _, err := prov.RevokeMember(ctx, *meshID, *member); err != nil {
 			return fail(2, "%v", err)
@@ -181,7 +206,10 @@ func parseLifetime(s string) (time.Duration, error) {
 // images without curl.
 func healthcheck(cfg config.Config, stderr io.Writer) int {
 	c := http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get("http://127.0.0.1:" + strconv.Itoa(cfg.Port) + "/health")
+	// The broker listens on BROKER_HOST: a specific address must be probed
+	// there, the wildcard ones on loopback.
+	url := "http://" + net.JoinHostPort(cfg.ProbeHost(), strconv.Itoa(cfg.Port)) + "/health"
+	resp, err := c.Get(url)
 	if err != nil {
 		fmt.Fprintln(stderr, "meshbroker: healthcheck:", err)
 		return 1
@@ -189,6 +217,24 @@ func healthcheck(cfg config.Config, stderr io.Writer) int {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		fmt.Fprintln(stderr, "meshbroker: healthcheck: status", resp.StatusCode)
+		return 1
+	}
+	return 0
+}
+
+// keygen prints a fresh ed25519 key pair as JSON: the pubkey to give
+// `member add`, the secret for the client's identity file. Nothing is
+// stored; the secret exists only on stdout.
+func keygen(stdout, stderr io.Writer) int {
+	key, err := services.NewIdentityKey()
+	if err != nil {
+		fmt.Fprintln(stderr, "meshbroker: keygen:", err)
+		return 1
+	}
+	enc := json.NewEncoder(stdout)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(services.NewKeyPair(key)); err != nil {
+		fmt.Fprintln(stderr, "meshbroker: keygen:", err)
 		return 1
 	}
 	return 0

@@ -13,6 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -61,17 +62,18 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 	}
 	select {
 	case <-ctx.Done():
-		logger.Info("shutdown signal")
+		logger.Info("shutdown signal", "budget_ms", cfg.ShutdownTimeout.Milliseconds())
 	case <-b.owner.Lost():
-		logger.Error("another broker took over this database's leases; stopping")
+		logger.Error("another broker took over this database's leases; stopping", "budget_ms", cfg.ShutdownTimeout.Milliseconds())
 	}
+	began := time.Now()
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if err := b.Close(shutdownCtx); err != nil {
-		logger.Error("shutdown", "err", err)
+		logger.Error("shutdown", "err", err, "duration_ms", time.Since(began).Milliseconds())
 		return 1
 	}
-	logger.Info("shutdown complete")
+	logger.Info("shutdown complete", "duration_ms", time.Since(began).Milliseconds())
 	return 0
 }
 
@@ -111,6 +113,8 @@ type broker struct {
 	server    *handlers.Server
 	owner     *models.OwnerLock // this process owns the database's leases while it holds it
 	ln        net.Listener
+	admin     *http.Server // ADMIN_ADDR's pprof listener, or nil
+	adminLn   net.Listener
 
 	now       func() time.Time
 	stopJobs  context.CancelFunc
@@ -129,7 +133,8 @@ func startBroker(ctx context.Context, cfg config.Config, logger *slog.Logger) (*
 // startBrokerWithClock is startBroker with the services' clock injected
 // (tests move it forward to refill rate limits without sleeping).
 func startBrokerWithClock(ctx context.Context, cfg config.Config, logger *slog.Logger, now func() time.Time) (*broker, error) {
-	db, err := models.Open(ctx, cfg.DatabaseURL, cfg.DataDir, logger)
+	db, err := models.OpenRetrying(ctx, cfg.DatabaseURL, cfg.DataDir, logger, models.Options{SQLiteSynchronous: cfg.SQLiteSynchronous},
+		models.RetryPolicy{Timeout: cfg.DBStartTimeout, Min: cfg.DBRetryMin, Max: cfg.DBRetryMax})
 	if err != nil {
 		return nil, err
 	}
@@ -156,6 +161,10 @@ func startBrokerWithClock(ctx context.Context, cfg config.Config, logger *slog.L
 // newBroker wires services on an open, bootstrapped database and listens.
 func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *models.DB, owner *models.OwnerLock, now func() time.Time) (*broker, error) {
 	b := &broker{cfg: cfg, log: logger, db: db, owner: owner, metrics: services.NewMetrics(), served: make(chan error, 1), now: now}
+	if err := services.InstrumentDB(db, b.metrics); err != nil {
+		return nil, err
+	}
+	b.metrics.SetBuildInfo(handlers.Version, cfg.BuildRevision())
 	b.health = services.NewHealthService(db, logger, b.metrics, cfg.DBHealthInterval)
 	b.audit = services.NewAuditService(db, logger, b.metrics, now)
 	members := services.NewMemberDirectory(db, now, cfg.MemberCacheTTL)
@@ -214,6 +223,20 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)
 	}
 	b.ln = ln
+	if cfg.AdminAddr != "" {
+		aln, err := net.Listen("tcp", cfg.AdminAddr)
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("listen on ADMIN_ADDR %s: %w", cfg.AdminAddr, err)
+		}
+		b.adminLn = aln
+		b.admin = &http.Server{Handler: handlers.AdminHandler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := b.admin.Serve(aln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				logger.Error("admin listener", "err", err)
+			}
+		}()
+	}
 	started = true
 	b.audit.Start()
 	b.queue.Start()
@@ -223,11 +246,29 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 	b.stopJobs = cancel
 	b.startJobs(jobsCtx)
 	go func() { b.served <- b.server.Serve(ln) }()
-	logger.Info("broker listening", "port", b.Port(), "version", handlers.Version, "gitSha", cfg.GitSHA, "ws_path", "/ws",
+	storage := []any{"db", db.Dialect.String()}
+	if db.Dialect == models.DialectSQLite {
+		storage = append(storage, "data_dir", cfg.DataDir, "sqlite_synchronous", cfg.SQLiteSynchronous)
+	}
+	admin := "off"
+	if b.adminLn != nil {
+		admin = b.adminLn.Addr().String()
+	}
+	logger.Info("broker listening", append(storage, "host", cfg.Host, "port", b.Port(), "version", handlers.Version, "gitSha", cfg.BuildRevision(), "ws_path", "/ws",
+		"admin_addr", admin, "hello_timeout_ms", cfg.HelloTimeout.Milliseconds(), "send_rate_limit_per_min", cfg.SendRatePerMin, "send_rate_burst", cfg.SendRateBurst,
 		"ttl_seconds", int(cfg.StatusTTL.Seconds()), "hook_fresh_seconds", int(cfg.HookFreshWindow.Seconds()),
 		"max_connections_per_mesh", cfg.MaxConnectionsPerMesh, "max_message_bytes", cfg.MaxMessageBytes,
-		"hook_rate_limit_per_min", cfg.HookRateLimitPerMin, "lease_ttl_ms", cfg.LeaseTTL.Milliseconds(), "db", db.Dialect.String())
+		"hook_rate_limit_per_min", cfg.HookRateLimitPerMin, "lease_ttl_ms", cfg.LeaseTTL.Milliseconds(),
+		"shutdown_timeout_ms", cfg.ShutdownTimeout.Milliseconds())...)
 	return b, nil
+}
+
+// AdminAddr is the admin listener's bound address, or "" without one.
+func (b *broker) AdminAddr() string {
+	if b.adminLn == nil {
+		return ""
+	}
+	return b.adminLn.Addr().String()
 }
 
 // Port is the bound port (useful with BROKER_PORT=0).
@@ -346,6 +387,11 @@ func (b *broker) close(ctx context.Context) error {
 	if err := <-b.served; err != nil {
 		errs = append(errs, fmt.Errorf("serve: %w", err))
 	}
+	if b.admin != nil {
+		if err := b.admin.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("admin shutdown: %w", err))
+		}
+	}
 	// 7.
 	b.jobs.Wait()
 	b.toolbox.Stop()
@@ -372,14 +418,18 @@ Usage:
   meshbroker                         serve /ws, /hook/set-status, /health, /metrics
   meshbroker mesh create NAME [--owner-user ID] [--owner-name NAME]
                                      create a mesh and an admin member; prints its identity (with secret key) as JSON
+  meshbroker mesh list               list meshes as JSON (id, name, slug, members)
+  meshbroker keygen                  print a new ed25519 key pair as JSON (pubkey and secretKey, hex); stores nothing
   meshbroker member add --mesh ID --pubkey HEX --name NAME [--role admin|member]
+                                     enroll a key (hex in either case); a revoked key is enrolled again as a new member
+  meshbroker member list --mesh ID   list a mesh's members as JSON, revoked ones with revokedAt
   meshbroker member revoke --mesh ID --member ID|PUBKEY
   meshbroker invite create --mesh ID [--role member|admin] [--max-uses N] [--expires 7d|DURATION] [--broker-url WS_URL]
                                      issue an invite; prints {"link":"ic://join/...","code":"...","expiresAt":"..."}
   meshbroker invite list --mesh ID
   meshbroker invite revoke --mesh ID --invite ID|CODE
   meshbroker demo [--out FILE]       create a mesh with two members and write their identities to FILE (default demo-identities.json)
-  meshbroker healthcheck             exit 0 if the broker on BROKER_PORT answers /health
+  meshbroker healthcheck             exit 0 if the broker on BROKER_HOST:BROKER_PORT answers /health (0.0.0.0 and :: probe loopback)
   meshbroker --help
 
 `

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,24 +27,7 @@ type childBroker struct {
 	logs *lockedBuffer
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// buildBroker compiles this module's binary into a temp dir.
+// newChildBroker prepares the binary, run from the test's own storage.
 func newChildBroker(t *testing.T, storageEnv []string) *childBroker {
 	port := freePort(t)
 	env := append(os.Environ(), "BROKER_HOST=127.0.0.1", fmt.Sprintf("BROKER_PORT=%d", port), "LOG_LEVEL=info", "SEND_RATE_LIMIT_PER_MIN=0")

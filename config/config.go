@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strconv"
 	"strings"
 	"time"
@@ -75,15 +76,20 @@ type Config struct {
 	MemberCacheTTL      time.Duration // default 5 s: how stale cached peer grants may be
 
 	// Operations.
-	DBHealthInterval time.Duration // default 30 s between health pings while healthy
-	GCPercent        int           // GOGC, default 50 (the runtime's is 100); -1: off
-	MemoryTrimEvery  time.Duration // default 30 s: a quiet broker returns a burst's memory to the OS (0: never)
-	MemoryTrimMin    uint64        // default 16 MiB: the least a trim must reclaim to be done
-	ShutdownTimeout  time.Duration // SHUTDOWN_TIMEOUT_MS, default 10 s: the whole graceful shutdown must fit in it
-	ShutdownConfirm  time.Duration // SHUTDOWN_CONFIRM_MS, default 1 s: how long shutdown waits for pongs confirming written pushes
-	GitSHA           string        // GIT_SHA, surfaced on /health
-	ExpectedSchema   string        // EXPECTED_MIGRATION: /health/ready is 503 until this schema version is recorded
-	LogLevel         slog.Level    // LOG_LEVEL: debug, info, warn, error; default info
+	DBHealthInterval  time.Duration // default 30 s between health pings while healthy
+	GCPercent         int           // GOGC, default 50 (the runtime's is 100); -1: off
+	MemoryTrimEvery   time.Duration // default 30 s: a quiet broker returns a burst's memory to the OS (0: never)
+	MemoryTrimMin     uint64        // default 16 MiB: the least a trim must reclaim to be done
+	ShutdownTimeout   time.Duration // SHUTDOWN_TIMEOUT_MS, default 10 s: the whole graceful shutdown must fit in it
+	ShutdownConfirm   time.Duration // SHUTDOWN_CONFIRM_MS, default 1 s: how long shutdown waits for pongs confirming written pushes
+	GitSHA            string        // GIT_SHA, surfaced on /health
+	ExpectedSchema    string        // EXPECTED_MIGRATION: /health/ready is 503 until this schema version is recorded
+	LogLevel          slog.Level    // LOG_LEVEL: debug, info, warn, error; default info
+	DBStartTimeout    time.Duration // DB_START_TIMEOUT_MS, default 60 s: how long start retries a database that does not answer (0: once)
+	DBRetryMin        time.Duration // default 250 ms: first pause between start attempts (doubles, capped at DBRetryMax)
+	DBRetryMax        time.Duration // default 5 s
+	AdminAddr         string        // ADMIN_ADDR: net/http/pprof listener; empty: none
+	SQLiteSynchronous string        // SQLITE_SYNCHRONOUS: NORMAL (default) or FULL
 
 	// Extras (04).
 	WatchAllowPrivate bool   // WATCH_ALLOW_PRIVATE, default false: URL watches may reach private addresses
@@ -140,20 +146,76 @@ func Default() Config {
 		RateLimitGCInterval: 30 * time.Second,
 		MemberCacheTTL:      5 * time.Second,
 
-		DBHealthInterval: 30 * time.Second,
-		GCPercent:        50,
-		MemoryTrimEvery:  30 * time.Second,
-		MemoryTrimMin:    16 << 20,
-		ShutdownTimeout:  10 * time.Second,
-		ShutdownConfirm:  time.Second,
-		GitSHA:           "",
-		LogLevel:         slog.LevelInfo,
-		Toolbox:          DefaultToolbox(),
+		DBHealthInterval:  30 * time.Second,
+		GCPercent:         50,
+		MemoryTrimEvery:   30 * time.Second,
+		MemoryTrimMin:     16 << 20,
+		ShutdownTimeout:   10 * time.Second,
+		ShutdownConfirm:   time.Second,
+		GitSHA:            "",
+		LogLevel:          slog.LevelInfo,
+		Toolbox:           DefaultToolbox(),
+		DBStartTimeout:    60 * time.Second,
+		DBRetryMin:        250 * time.Millisecond,
+		DBRetryMax:        5 * time.Second,
+		SQLiteSynchronous: "NORMAL",
 	}
 }
 
+// KnownSchemaVersions lists the meshbroker_schema versions this build
+// writes (models.SchemaVersion), for EXPECTED_MIGRATION's help.
+const KnownSchemaVersions = "0001_meshbroker_ref0029"
+
+// UnknownGitSHA is what /health and the start line say when GIT_SHA is unset.
+const UnknownGitSHA = "unknown"
+
+// BuildRevision is GIT_SHA, or UnknownGitSHA when it is unset: one
+// representation for /health, the start line and build_info.
+func (c Config) BuildRevision() string {
+	if c.GitSHA == "" {
+		return UnknownGitSHA
+	}
+	return c.GitSHA
+}
+
+// adminAddr turns ADMIN_ADDR into a listen address: a bare port is bound to
+// loopback, so profiling is never exposed by accident.
+func adminAddr(v string) (string, error) {
+	if n, err := strconv.Atoi(v); err == nil {
+		if n < 1 || n > 65535 {
+			return "", errBad
+		}
+		return net.JoinHostPort("127.0.0.1", v), nil
+	}
+	host, port, err := net.SplitHostPort(v)
+	if err != nil {
+		return "", err
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return "", errBad
+	}
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port), nil
+}
+
+// ProbeHost is the address a local health probe should connect to: Host,
+// or loopback when the broker listens on every address.
+func (c Config) ProbeHost() string {
+	switch c.Host {
+	case "", "0.0.0.0":
+		return "127.0.0.1"
+	case "::", "[::]":
+		return "::1"
+	}
+	return strings.Trim(c.Host, "[]")
+}
+
 // Addr is the listen address.
-func (c Config) Addr() string { return c.Host + ":" + strconv.Itoa(c.Port) }
+func (c Config) Addr() string {
+	return net.JoinHostPort(strings.Trim(c.Host, "[]"), strconv.Itoa(c.Port))
+}
 
 // envVar is one environment variable: its name, what --help says about it,
 // and how it lands in Config.
@@ -167,10 +229,13 @@ type envVar struct {
 
 var errBad = errors.New("bad value")
 
-func positiveInt(dst func(*Config) *int) func(*Config, string) error {
+// intIn accepts an integer in [lo, hi]. Every numeric variable has a
+// range: a value that parses but cannot work (MAX_MESSAGE_BYTES=10 makes
+// every hello too large) is refused at start, not discovered by a client.
+func intIn(lo, hi int, dst func(*Config) *int) func(*Config, string) error {
 	return func(c *Config, v string) error {
 		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 {
+		if err != nil || n < lo || n > hi {
 			return errBad
 		}
 		*dst(c) = n
@@ -178,21 +243,11 @@ func positiveInt(dst func(*Config) *int) func(*Config, string) error {
 	}
 }
 
-func nonNegativeInt(dst func(*Config) *int) func(*Config, string) error {
-	return func(c *Config, v string) error {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 0 {
-			return errBad
-		}
-		*dst(c) = n
-		return nil
-	}
-}
-
-func durationIn(unit time.Duration, dst func(*Config) *time.Duration) func(*Config, string) error {
+// durationIn accepts a whole number of units in [lo, hi].
+func durationIn(unit time.Duration, lo, hi int64, dst func(*Config) *time.Duration) func(*Config, string) error {
 	return func(c *Config, v string) error {
 		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n <= 0 || n > int64(365*24*time.Hour/unit) {
+		if err != nil || n < lo || n > hi {
 			return errBad
 		}
 		*dst(c) = time.Duration(n) * unit
@@ -241,51 +296,51 @@ var vars = []envVar{
 	{name: "DATA_DIR", accepts: "a directory path", help: "where the embedded SQLite database lives when DATABASE_URL is unset",
 		def: func(c Config) string { return c.DataDir },
 		set: func(c *Config, v string) error { c.DataDir = v; return nil }},
-	{name: "STATUS_TTL_SECONDS", accepts: "a positive integer (seconds)", help: "a `working` status older than this flips to idle",
+	{name: "STATUS_TTL_SECONDS", accepts: "an integer 1-86400 (seconds)", help: "a `working` status older than this flips to idle",
 		def: showDuration(time.Second, func(c Config) time.Duration { return c.StatusTTL }),
-		set: durationIn(time.Second, func(c *Config) *time.Duration { return &c.StatusTTL })},
-	{name: "HOOK_FRESH_WINDOW_SECONDS", accepts: "a positive integer (seconds)", help: "how long a hook-reported status beats inference",
+		set: durationIn(time.Second, 1, 86400, func(c *Config) *time.Duration { return &c.StatusTTL })},
+	{name: "HOOK_FRESH_WINDOW_SECONDS", accepts: "an integer 1-86400 (seconds)", help: "how long a hook-reported status beats inference",
 		def: showDuration(time.Second, func(c Config) time.Duration { return c.HookFreshWindow }),
-		set: durationIn(time.Second, func(c *Config) *time.Duration { return &c.HookFreshWindow })},
-	{name: "MAX_CONNECTIONS_PER_MESH", accepts: "a positive integer", help: "registry entries (online and in grace) per mesh",
+		set: durationIn(time.Second, 1, 86400, func(c *Config) *time.Duration { return &c.HookFreshWindow })},
+	{name: "MAX_CONNECTIONS_PER_MESH", accepts: "an integer 1-1000000", help: "registry entries (online and in grace) per mesh",
 		def: showInt(func(c Config) int { return c.MaxConnectionsPerMesh }),
-		set: positiveInt(func(c *Config) *int { return &c.MaxConnectionsPerMesh })},
-	{name: "MAX_MESSAGE_BYTES", accepts: "a positive integer (bytes)", help: "largest WebSocket frame, send payload and HTTP body",
+		set: intIn(1, 1_000_000, func(c *Config) *int { return &c.MaxConnectionsPerMesh })},
+	{name: "MAX_MESSAGE_BYTES", accepts: "an integer 4096-67108864 (bytes; a hello alone needs about 1 KB)", help: "largest WebSocket frame, send payload and HTTP body",
 		def: showInt(func(c Config) int { return c.MaxMessageBytes }),
-		set: positiveInt(func(c *Config) *int { return &c.MaxMessageBytes })},
-	{name: "HOOK_RATE_LIMIT_PER_MIN", accepts: "a positive integer", help: "hook requests per (pid, cwd) per minute",
+		set: intIn(4096, 64<<20, func(c *Config) *int { return &c.MaxMessageBytes })},
+	{name: "HOOK_RATE_LIMIT_PER_MIN", accepts: "an integer 1-1000000", help: "hook requests per (pid, cwd) per minute",
 		def: showInt(func(c Config) int { return c.HookRateLimitPerMin }),
-		set: positiveInt(func(c *Config) *int { return &c.HookRateLimitPerMin })},
-	{name: "HOOK_RATE_LIMIT_PER_ADDR_PER_MIN", accepts: "a positive integer", help: "hook requests per remote address (IPv6: per /64) per minute, checked before the per-(pid, cwd) limit",
+		set: intIn(1, 1_000_000, func(c *Config) *int { return &c.HookRateLimitPerMin })},
+	{name: "HOOK_RATE_LIMIT_PER_ADDR_PER_MIN", accepts: "an integer 1-1000000", help: "hook requests per remote address (IPv6: per /64) per minute, checked before the per-(pid, cwd) limit",
 		def: showInt(func(c Config) int { return c.HookAddrRateLimit }),
-		set: positiveInt(func(c *Config) *int { return &c.HookAddrRateLimit })},
-	{name: "HOOK_PENDING_MAX", accepts: "a positive integer", help: "most parked hook statuses (pending_status rows); a hook that would park one more is answered 429",
+		set: intIn(1, 1_000_000, func(c *Config) *int { return &c.HookAddrRateLimit })},
+	{name: "HOOK_PENDING_MAX", accepts: "an integer 1-1000000", help: "most parked hook statuses (pending_status rows); a hook that would park one more is answered 429",
 		def: showInt(func(c Config) int { return c.HookPendingMax }),
-		set: positiveInt(func(c *Config) *int { return &c.HookPendingMax })},
+		set: intIn(1, 1_000_000, func(c *Config) *int { return &c.HookPendingMax })},
 	{name: "HOOK_CLIENT_IP_HEADER", accepts: "an HTTP header name", help: "take the hook client's address from this header (set it only behind a proxy that overwrites it, e.g. Fly-Client-IP); unset: the connection's peer address",
 		def: func(Config) string { return "" },
 		set: func(c *Config, v string) error { c.HookClientIPHeader = v; return nil }},
-	{name: "SEND_RATE_LIMIT_PER_MIN", accepts: "a non-negative integer; 0 disables the limiter", help: "sends per member per minute (refill rate)",
+	{name: "SEND_RATE_LIMIT_PER_MIN", accepts: "an integer 0-1000000; 0 disables the limiter", help: "sends per member per minute (refill rate)",
 		def: showInt(func(c Config) int { return c.SendRatePerMin }),
-		set: nonNegativeInt(func(c *Config) *int { return &c.SendRatePerMin })},
-	{name: "SEND_RATE_BURST", accepts: "a positive integer", help: "send bucket capacity per member",
+		set: intIn(0, 1_000_000, func(c *Config) *int { return &c.SendRatePerMin })},
+	{name: "SEND_RATE_BURST", accepts: "an integer 1-1000000", help: "send bucket capacity per member",
 		def: showInt(func(c Config) int { return c.SendRateBurst }),
-		set: positiveInt(func(c *Config) *int { return &c.SendRateBurst })},
-	{name: "LEASE_TTL_MS", accepts: "a positive integer (milliseconds)", help: "offline lease after a socket drops; a reconnect inside it is silent",
+		set: intIn(1, 1_000_000, func(c *Config) *int { return &c.SendRateBurst })},
+	{name: "LEASE_TTL_MS", accepts: "an integer 10-86400000 (milliseconds)", help: "offline lease after a socket drops; a reconnect inside it is silent",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.LeaseTTL }),
-		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.LeaseTTL })},
-	{name: "HELLO_TIMEOUT_MS", accepts: "a positive integer (milliseconds)", help: "a socket without a completed hello is closed after this",
+		set: durationIn(time.Millisecond, 10, 86_400_000, func(c *Config) *time.Duration { return &c.LeaseTTL })},
+	{name: "HELLO_TIMEOUT_MS", accepts: "an integer 10-600000 (milliseconds)", help: "a socket without a completed hello is closed after this",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.HelloTimeout }),
-		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.HelloTimeout })},
-	{name: "CLAIM_LEASE_MS", accepts: "a positive integer (milliseconds)", help: "a claimed queue row is invisible to other drains this long; an unconfirmed push is pushed again after it",
+		set: durationIn(time.Millisecond, 10, 600_000, func(c *Config) *time.Duration { return &c.HelloTimeout })},
+	{name: "CLAIM_LEASE_MS", accepts: "an integer 100-3600000 (milliseconds)", help: "a claimed queue row is invisible to other drains this long; an unconfirmed push is pushed again after it",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.ClaimLease }),
-		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.ClaimLease })},
-	{name: "CLAIM_REAP_INTERVAL_MS", accepts: "a positive integer (milliseconds)", help: "how often expired claims are resolved and their targets drained again",
+		set: durationIn(time.Millisecond, 100, 3_600_000, func(c *Config) *time.Duration { return &c.ClaimLease })},
+	{name: "CLAIM_REAP_INTERVAL_MS", accepts: "an integer 10-600000 (milliseconds)", help: "how often expired claims are resolved and their targets drained again",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.ClaimReapInterval }),
-		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.ClaimReapInterval })},
-	{name: "PUSH_CONFIRM_MS", accepts: "a positive integer (milliseconds)", help: "a socket pings this soon after a push; the pong confirms the push (M3)",
+		set: durationIn(time.Millisecond, 10, 600_000, func(c *Config) *time.Duration { return &c.ClaimReapInterval })},
+	{name: "PUSH_CONFIRM_MS", accepts: "an integer 1-10000 (milliseconds)", help: "a socket pings this soon after a push; the pong confirms the push (M3)",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.PushConfirmDelay }),
-		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.PushConfirmDelay })},
+		set: durationIn(time.Millisecond, 1, 10_000, func(c *Config) *time.Duration { return &c.PushConfirmDelay })},
 	{name: "DELIVERED_FLUSH_MS", accepts: "an integer 1-100 (milliseconds)", help: "group-commit interval of delivered marks: a crash replays at most this much confirmed traffic",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.DeliveredFlush }),
 		set: func(c *Config, v string) error {
@@ -296,12 +351,12 @@ var vars = []envVar{
 			c.DeliveredFlush = time.Duration(n) * time.Millisecond
 			return nil
 		}},
-	{name: "SHUTDOWN_TIMEOUT_MS", accepts: "a positive integer (milliseconds)", help: "the whole graceful shutdown (SIGTERM) must fit in this",
+	{name: "SHUTDOWN_TIMEOUT_MS", accepts: "an integer 100-600000 (milliseconds)", help: "the whole graceful shutdown (SIGTERM) must fit in this",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.ShutdownTimeout }),
-		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.ShutdownTimeout })},
-	{name: "SHUTDOWN_CONFIRM_MS", accepts: "a positive integer (milliseconds)", help: "at shutdown, how long to wait for pongs confirming written pushes before closing sockets",
+		set: durationIn(time.Millisecond, 100, 600_000, func(c *Config) *time.Duration { return &c.ShutdownTimeout })},
+	{name: "SHUTDOWN_CONFIRM_MS", accepts: "an integer 1-60000 (milliseconds)", help: "at shutdown, how long to wait for pongs confirming written pushes before closing sockets",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.ShutdownConfirm }),
-		set: durationIn(time.Millisecond, func(c *Config) *time.Duration { return &c.ShutdownConfirm })},
+		set: durationIn(time.Millisecond, 1, 60_000, func(c *Config) *time.Duration { return &c.ShutdownConfirm })},
 	{name: "WATCH_ALLOW_PRIVATE", accepts: "true or false", help: "let URL watches reach loopback, private and link-local addresses",
 		def: func(c Config) string { return strconv.FormatBool(c.WatchAllowPrivate) },
 		set: func(c *Config, v string) error {
@@ -342,17 +397,49 @@ var vars = []envVar{
 			c.ResumeTokenKey = strings.ToLower(v)
 			return nil
 		}},
-	{name: "EXPECTED_MIGRATION", accepts: "a schema version string", help: "/health/ready answers 503 until this schema version is recorded",
+	// The versions are those models.SchemaVersion has had; a root test keeps
+	// this list in step with it.
+	{name: "EXPECTED_MIGRATION", accepts: "a schema version string; this build records " + KnownSchemaVersions, help: "/health/ready answers 503 until this version is in meshbroker_schema (set it to the version a deploy needs)",
 		def: func(Config) string { return "" },
 		set: func(c *Config, v string) error { c.ExpectedSchema = v; return nil }},
-	{name: "GIT_SHA", accepts: "any string", help: "build revision shown on /health",
+	{name: "DB_START_TIMEOUT_MS", accepts: "an integer 0-3600000 (milliseconds); 0 tries once", help: "how long start keeps retrying, with backoff, a database that does not answer yet",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.DBStartTimeout }),
+		set: func(c *Config, v string) error {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil || n < 0 || n > 3_600_000 {
+				return errBad
+			}
+			c.DBStartTimeout = time.Duration(n) * time.Millisecond
+			return nil
+		}},
+	{name: "SQLITE_SYNCHRONOUS", accepts: "NORMAL or FULL", help: "embedded database durability: NORMAL survives a crash of the process, FULL also one of the machine (slower commits)",
+		def: func(c Config) string { return c.SQLiteSynchronous },
+		set: func(c *Config, v string) error {
+			switch u := strings.ToUpper(v); u {
+			case "NORMAL", "FULL":
+				c.SQLiteSynchronous = u
+				return nil
+			}
+			return errBad
+		}},
+	{name: "ADMIN_ADDR", accepts: "a port 1-65535, or host:port; a bare port listens on 127.0.0.1", help: "serve net/http/pprof on this separate listener (never on BROKER_PORT); unset: off",
+		def: func(Config) string { return "" },
+		set: func(c *Config, v string) error {
+			addr, err := adminAddr(v)
+			if err != nil {
+				return errBad
+			}
+			c.AdminAddr = addr
+			return nil
+		}},
+	{name: "GIT_SHA", accepts: "any string", help: "build revision shown on /health and in the start line",
 		def: func(Config) string { return "" },
 		set: func(c *Config, v string) error { c.GitSHA = v; return nil }},
 	// The broker's working set is mostly short-lived frames and rows, so a
 	// tighter collector target costs little: at 50 a 100 x 1,000 burst
 	// peaked at 121 MB RSS instead of 154 MB, for about a sixth of the
 	// unpaced throughput, and an idle socket costs 14.7 KB instead of 19.1.
-	{name: "GOGC", accepts: "a positive integer (percent) or off", help: "garbage collector target, as for any Go program; the broker's default is 50",
+	{name: "GOGC", accepts: "an integer 1-10000 (percent) or off", help: "garbage collector target, as for any Go program; the broker's default is 50",
 		def: func(c Config) string {
 			if c.GCPercent < 0 {
 				return "off"
@@ -364,7 +451,7 @@ var vars = []envVar{
 				c.GCPercent = -1
 				return nil
 			}
-			return positiveInt(func(c *Config) *int { return &c.GCPercent })(c, v)
+			return intIn(1, 10_000, func(c *Config) *int { return &c.GCPercent })(c, v)
 		}},
 	{name: "LOG_LEVEL", accepts: "debug, info, warn or error", help: "lowest level logged (JSON lines on stderr)",
 		def: func(c Config) string { return strings.ToLower(c.LogLevel.String()) },

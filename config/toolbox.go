@@ -1,7 +1,6 @@
 package config
 
 import (
-	"strconv"
 	"time"
 )
 
@@ -52,18 +51,6 @@ func DefaultToolbox() Toolbox {
 		ScheduleFireBatch:     256,
 		PurgeAfter:            7 * 24 * time.Hour,
 		PurgeInterval:         time.Hour,
-	}
-}
-
-// intIn accepts an integer in [lo, hi].
-func intIn(lo, hi int, dst func(*Config) *int) func(*Config, string) error {
-	return func(c *Config, v string) error {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < lo || n > hi {
-			return errBad
-		}
-		*dst(c) = n
-		return nil
 	}
 }
 

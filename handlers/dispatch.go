@@ -186,8 +186,13 @@ func (w *wsConn) handleHello(h protocol.Head, data []byte) {
 	}
 	ctx, cancel := context.WithTimeout(w.srv.baseCtx, frameTimeout)
 	defer cancel()
+	started := time.Now()
 	var c *services.Conn
 	var err error
+	result := "ok"
+	defer func() {
+		w.srv.svc.Metrics.HelloLatency.WithLabelValues(h.Type, result).Observe(time.Since(started).Seconds())
+	}()
 	if h.Type == "hello" {
 		var f protocol.Hello
 		if err = protocol.Decode(data, &f); err != nil {
@@ -206,11 +211,13 @@ func (w *wsConn) handleHello(h protocol.Head, data []byte) {
 	if err != nil {
 		var he *services.HandshakeError
 		if errors.As(err, &he) {
+			result = "rejected"
 			w.logAt(slog.LevelInfo, "hello rejected", "code", he.Code)
 			w.reply(protocol.ErrorFrame{Type: "error", Code: he.Code, Message: he.Message})
 			w.Close(protocol.HandshakeClose(he.Code))
 			return
 		}
+		result = "error"
 		w.logAt(slog.LevelError, "hello", "err", err)
 		w.reply(protocol.ErrorFrame{Type: "error", Code: protocol.CodeInternal, Message: "internal error"})
 		w.Close(protocol.Close{Code: 1011, Reason: "internal error", Retry: true})

@@ -180,6 +180,8 @@ func (s *Server) ConfirmPushes(ctx context.Context, wait time.Duration) {
 // down" (the presence service has already marked the rows and closed the
 // registered ones), and waits for every socket goroutine, bounded by ctx.
 func (s *Server) Shutdown(ctx context.Context) error {
+	started := time.Now()
+	defer func() { s.svc.Metrics.ShutdownTime.Set(time.Since(started).Seconds()) }()
 	err := s.StopAccepting(ctx)
 	socks := s.sockets()
 	for _, w := range socks {
@@ -308,12 +310,9 @@ type healthBody struct {
 	Uptime int64  `json:"uptime"`
 }
 
-func (s *Server) gitSHA() string {
-	if s.cfg.GitSHA != "" {
-		return s.cfg.GitSHA
-	}
-	return "unknown"
-}
+// gitSHA is the revision /health reports: the same string as the start
+// line's gitSha and build_info's revision ("unknown" when GIT_SHA is unset).
+func (s *Server) gitSHA() string { return s.cfg.BuildRevision() }
 
 // handleHealth is liveness (S4): always 200, with the cached db state.
 func (s *Server) handleHealth(c echo.Context) error {
@@ -337,7 +336,8 @@ func (s *Server) handleReady(c echo.Context) error {
 		}
 		return c.JSON(http.StatusServiceUnavailable, body)
 	}
-	return c.JSON(http.StatusOK, healthBody{Status: "ready", Ver: Version, GitSHA: s.gitSHA(), Uptime: int64(s.now().Sub(s.started).Seconds())})
+	// Healthy was checked above and the schema query just succeeded.
+	return c.JSON(http.StatusOK, healthBody{Status: "ready", DB: "up", Ver: Version, GitSHA: s.gitSHA(), Uptime: int64(s.now().Sub(s.started).Seconds())})
 }
 
 type hookBody struct {
@@ -395,7 +395,8 @@ func (s *Server) handleHookSetStatus(c echo.Context) error {
 	pid := int(pidF)
 	if !s.svc.Status.HookAllowed(pid, cwd) {
 		s.svc.Metrics.HookRateLimited.Inc()
-		s.log.Warn("hook rate limited", "addr", addr.String(), "cwd", logCwd(cwd), "pid", pid)
+		// No cwd above debug: it is a local path, and hooks fire per tool call.
+		s.log.Warn("hook rate limited", "addr", addr.String(), "pid", pid)
 		return c.JSON(http.StatusTooManyRequests, hookReply{Error: "rate limited"})
 	}
 	if cwd == "" || status == "" {
@@ -414,7 +415,7 @@ func (s *Server) handleHookSetStatus(c echo.Context) error {
 		s.log.Error("hook handler error", "err", err)
 		return c.JSON(http.StatusInternalServerError, hookReply{Error: "internal error"})
 	}
-	s.log.Info("hook", "route", "POST /hook/set-status", "cwd", logCwd(cwd), "pid", pid, "status", status, "presence_id", res.PresenceID,
+	s.log.Debug("hook", "route", "POST /hook/set-status", "cwd", logCwd(cwd), "pid", pid, "status", status, "presence_id", res.PresenceID,
 		"pending", res.Pending, "latency_ms", s.now().Sub(start).Milliseconds())
 	if res.Pending {
 		return c.JSON(http.StatusOK, hookReply{OK: true, Pending: true})

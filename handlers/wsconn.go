@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"net/http"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -75,6 +76,7 @@ type wsConn struct {
 	completions    chan completion // pipelined sends, to completeSends; made at the first send, closed by serve
 	completerDone  chan struct{}   // closed when completeSends has finished
 	sendsPending   sync.WaitGroup  // pipelined sends not yet acked; Add by the reader, Done by completeSends
+	peerClose      int             // close code the peer sent, 0 if none
 
 	// The outbound queue grows on demand up to cfg.OutboxFrames, so an idle
 	// socket holds no buffer. qmu guards it and the writer's run state.
@@ -398,6 +400,8 @@ func (w *wsConn) writeFrame(f protocol.Frame) bool {
 		return false
 	}
 	w.writeSeq++
+	w.srv.svc.Metrics.FramesOut.Inc()
+	w.srv.svc.Metrics.BytesOut.Add(float64(len(f)))
 	if id, ok := pushMessageID(f); ok {
 		w.wmu.Lock()
 		w.written = append(w.written, writtenPush{seq: w.writeSeq, id: id})
@@ -444,6 +448,13 @@ func (s *Server) handleWS(c echo.Context) error {
 		if websocket.IsWebSocketUpgrade(c.Request()) {
 			dropConnection(c)
 			return nil
+		}
+		if c.Request().RequestURI == "/ws" {
+			// A browser or curl on the WebSocket URL: say what it takes
+			// rather than a bare 404 (RFC 9110 §15.5.22).
+			c.Response().Header().Set("Upgrade", "websocket")
+			c.Response().Header().Set("Connection", "Upgrade")
+			return c.JSON(http.StatusUpgradeRequired, errorBody{Error: "upgrade required: /ws is a WebSocket endpoint; connect with a WebSocket client (Connection: Upgrade, Upgrade: websocket) and send hello first"})
 		}
 		return echo.ErrNotFound
 	}
@@ -507,6 +518,9 @@ func (w *wsConn) logAt(level slog.Level, msg string, args ...any) {
 	l.Log(ctx, level, msg, args...)
 }
 
+// RemoteAddr is the peer's address, for the presence service's log lines.
+func (w *wsConn) RemoteAddr() string { return remoteShort(w.ws.RemoteAddr()) }
+
 func remoteShort(a net.Addr) string {
 	if a == nil {
 		return ""
@@ -519,6 +533,7 @@ func remoteShort(a net.Addr) string {
 // has been told.
 func (w *wsConn) serve() {
 	cfg := w.srv.cfg
+	opened := time.Now()
 	w.qmu.Lock()
 	w.pingTimer = time.AfterFunc(cfg.PingInterval, w.heartbeat)
 	w.qmu.Unlock()
@@ -558,6 +573,26 @@ func (w *wsConn) serve() {
 	})
 	w.readFrames()
 	helloTimer.Stop()
+	// Who ended the socket, read before serve's own teardown below closes
+	// it too: closeFrame and abrupt are written before closing is closed.
+	code, by := 1006, "network"
+	select {
+	case <-w.closing:
+		by = "broker"
+		if !w.abrupt && w.closeFrame.Code != 0 {
+			code = w.closeFrame.Code
+		}
+	default:
+		if w.peerClose != 0 {
+			code, by = w.peerClose, "peer"
+		}
+	}
+	w.srv.svc.Metrics.Closes.WithLabelValues(strconv.Itoa(code), by).Inc()
+	level := slog.LevelDebug // a probe or a rejected hello: already logged, or not a session
+	if w.presence != nil {
+		level = slog.LevelInfo
+	}
+	w.logAt(level, "ws session end", "code", code, "by", by, "duration_ms", time.Since(opened).Milliseconds())
 	// Sends already accepted still get their commit, ack and pushes (the
 	// ack may no longer reach this socket; the row is stored either way).
 	if w.completions != nil {
@@ -601,6 +636,8 @@ func (w *wsConn) readFrames() {
 			w.logReadEnd(err)
 			return
 		}
+		w.srv.svc.Metrics.FramesIn.Inc()
+		w.srv.svc.Metrics.BytesIn.Add(float64(len(data)))
 		if now := time.Now(); now.Sub(lastAlive) >= time.Second {
 			lastAlive = now
 			w.renewReadDeadline(now)
@@ -696,6 +733,7 @@ func (w *wsConn) logReadEnd(err error) {
 	var ce *websocket.CloseError
 	switch {
 	case errors.As(err, &ce):
+		w.peerClose = ce.Code
 		w.logAt(slog.LevelDebug, "ws closed by peer", "code", ce.Code, "reason", ce.Text)
 	case errors.Is(err, websocket.ErrReadLimit):
 		w.logAt(slog.LevelWarn, "ws frame too large", "limit", w.srv.cfg.MaxMessageBytes)
@@ -703,7 +741,8 @@ func (w *wsConn) logReadEnd(err error) {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
 			if w.presence != nil {
-				w.logAt(slog.LevelWarn, "ws stale terminate", "presence_id", w.presence.PresenceID)
+				// logAt adds presence_id, mesh and peer already.
+				w.logAt(slog.LevelWarn, "ws stale terminate", "code", 1006, "idle_ms", w.srv.cfg.PongTimeout.Milliseconds())
 			}
 			return
 		}

@@ -11,9 +11,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/glebarez/sqlite"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
+	sqlite "github.com/libtnb/sqlite"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/schema"
@@ -68,6 +68,8 @@ const sqliteBusyTimeout = 10 * time.Second
 type DB struct {
 	*gorm.DB
 	Dialect Dialect
+
+	checkpoints *checkpointer // SQLite only: WAL checkpoints off the write path
 }
 
 // Open connects to the database. A databaseURL starting with "postgres://" or
@@ -75,6 +77,18 @@ type DB struct {
 // meshbroker.db under dataDir, creating the directory if needed. Open checks
 // that the database answers but does not create tables: call Bootstrap.
 func Open(ctx context.Context, databaseURL, dataDir string, logger *slog.Logger) (*DB, error) {
+	return OpenWith(ctx, databaseURL, dataDir, logger, Options{})
+}
+
+// Options are the storage settings beyond the URL.
+type Options struct {
+	// SQLiteSynchronous is the embedded database's PRAGMA synchronous:
+	// "NORMAL" (the default when empty) or "FULL".
+	SQLiteSynchronous string
+}
+
+// OpenWith is Open with opts.
+func OpenWith(ctx context.Context, databaseURL, dataDir string, logger *slog.Logger, opts Options) (*DB, error) {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
@@ -82,7 +96,7 @@ func Open(ctx context.Context, databaseURL, dataDir string, logger *slog.Logger)
 	case strings.HasPrefix(databaseURL, "postgres://"), strings.HasPrefix(databaseURL, "postgresql://"):
 		return openPostgres(ctx, databaseURL, logger)
 	case databaseURL == "":
-		return openSQLite(ctx, dataDir, logger)
+		return openSQLite(ctx, dataDir, logger, opts)
 	default:
 		// Never echo the URL: it may carry a password.
 		return nil, errors.New("open database: DATABASE_URL must start with postgres:// or postgresql://")
@@ -116,7 +130,7 @@ func openPostgres(ctx context.Context, databaseURL string, logger *slog.Logger) 
 	cfg, err := pgx.ParseConfig(databaseURL)
 	if err != nil {
 		// pgx's message can quote the URL; keep only that it failed to parse.
-		return nil, errors.New("open postgres: DATABASE_URL is not a valid connection URL")
+		return nil, errInvalidURL
 	}
 	// `DEFAULT now()` on a timestamp-without-time-zone column stores the
 	// session's local wall-clock time; pinning the session to UTC makes
@@ -140,7 +154,15 @@ func openPostgres(ctx context.Context, databaseURL string, logger *slog.Logger) 
 	return db, nil
 }
 
-func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger) (*DB, error) {
+func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger, opts Options) (*DB, error) {
+	synchronous := strings.ToUpper(opts.SQLiteSynchronous)
+	switch synchronous {
+	case "":
+		synchronous = "NORMAL"
+	case "NORMAL", "FULL":
+	default:
+		return nil, fmt.Errorf("open sqlite: synchronous must be NORMAL or FULL, not %q", opts.SQLiteSynchronous)
+	}
 	if dataDir == "" {
 		return nil, errors.New("open sqlite: no data directory given")
 	}
@@ -157,9 +179,13 @@ func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger) (*DB, 
 		fmt.Sprintf("_pragma=busy_timeout(%d)", sqliteBusyTimeout.Milliseconds()),
 		"_pragma=journal_mode(WAL)",
 		"_pragma=foreign_keys(1)",
+		// Checkpoints run on a connection of their own (checkpoint.go).
+		"_pragma=wal_autocheckpoint(0)",
+		"_pragma=journal_size_limit(67108864)",
 		// NORMAL is durable across application crashes in WAL mode; only an OS
-		// crash or power loss can drop the last transactions.
-		"_pragma=synchronous(NORMAL)",
+		// crash or power loss can drop the last transactions. FULL syncs the
+		// WAL at every commit and survives those too (SQLITE_SYNCHRONOUS).
+		"_pragma=synchronous(" + synchronous + ")",
 		// Take the write lock at BEGIN so two processes on one file never
 		// deadlock upgrading read locks; waiting is bounded by busy_timeout.
 		"_txlock=immediate",
@@ -196,8 +222,20 @@ func openSQLite(ctx context.Context, dataDir string, logger *slog.Logger) (*DB, 
 		db.Close()
 		return nil, fmt.Errorf("open sqlite %s: journal mode is %q, want wal", path, mode)
 	}
+	ckConn := sql.OpenDB(connector)
+	ckConn.SetMaxOpenConns(1)
+	ckConn.SetMaxIdleConns(1)
+	if err := ckConn.PingContext(ctx); err != nil {
+		ckConn.Close()
+		db.Close()
+		return nil, fmt.Errorf("open sqlite %s: checkpoint connection: %w", path, err)
+	}
+	db.checkpoints = startCheckpointer(ckConn, logger)
 	return db, nil
 }
+
+// errInvalidURL is a DATABASE_URL that no retry can fix.
+var errInvalidURL = errors.New("open postgres: DATABASE_URL is not a valid connection URL")
 
 // IsPostgres reports whether db runs on Postgres.
 func (db *DB) IsPostgres() bool { return db.Dialect == DialectPostgres }
@@ -239,8 +277,15 @@ func (db *DB) Close() error {
 	if err != nil {
 		return err
 	}
+	var ckErr error
+	if db.checkpoints != nil {
+		ckErr = db.checkpoints.close()
+	}
 	if err := sqlDB.Close(); err != nil {
 		return fmt.Errorf("close %s: %w", db.Dialect, err)
+	}
+	if ckErr != nil {
+		return fmt.Errorf("close %s checkpoint connection: %w", db.Dialect, ckErr)
 	}
 	return nil
 }

@@ -8,9 +8,9 @@ import (
 	"fmt"
 	"time"
 
-	_ "github.com/glebarez/go-sqlite" // registers the "sqlite" driver wrapped below
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+	_ "modernc.org/sqlite" // registers the "sqlite" driver wrapped below
 )
 
 // SQLiteTimeLayout is how a time is stored on SQLite: UTC, microseconds,
@@ -35,7 +35,7 @@ func ParseSQLiteTime(s string) (time.Time, error) {
 	return t, nil
 }
 
-// sqliteConnector hands out glebarez/go-sqlite connections wrapped by
+// sqliteConnector hands out modernc.org/sqlite connections wrapped by
 // sqliteConn. The driver would otherwise write times in a variable-width,
 // zone-dependent format, which sorts wrongly as soon as one writer is not UTC.
 type sqliteConnector struct {

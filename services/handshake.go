@@ -642,7 +642,8 @@ func (p *PresenceService) admit(ctx context.Context, out Outbox, in *helloInput,
 		})
 	}
 	p.announceJoin(c, effectiveName, groups, saved)
-	p.log.Info("ws hello", "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()), "role", c.Role, "restored", saved != nil)
+	p.log.Info("ws hello", "remote", remoteOf(out), "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()),
+		"kind", c.Role.Kind(), "restored", saved != nil)
 	for _, fn := range p.onAttach {
 		fn(c, true)
 	}
@@ -750,7 +751,8 @@ func (p *PresenceService) reattach(ctx context.Context, out Outbox, in *helloInp
 	if err := p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("presence")+" SET disconnected_at = NULL, last_ping_at = ? WHERE id = ?", p.now().UTC(), c.PresenceID).Error; err != nil {
 		p.log.Warn("restore presence", "presence_id", c.PresenceID, "err", err)
 	}
-	p.log.Info("ws reattach", "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()), "takeover", wasOnline)
+	p.log.Info("ws reattach", "remote", remoteOf(out), "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()),
+		"kind", c.Role.Kind(), "takeover", wasOnline)
 	for _, fn := range p.onAttach {
 		fn(c, false)
 	}

@@ -26,10 +26,10 @@ type MemberDirectory struct {
 	db  *models.DB
 	now func() time.Time
 
-	grants *ttlCache[map[string]map[string][]string] // meshID -> member pubkey -> (granted pubkey -> capabilities)
-	byKey  *ttlCache[memberEntry]                    // mesh|pubkey -> lookup result, for hellos
-	meshes *ttlCache[*MeshRow]                       // mesh id -> row, for hellos
-	svcs   *ttlCache[[]ServiceRow]                   // mesh id -> running services, for hellos
+	grants *loadCache[map[string]map[string][]string] // meshID -> member pubkey -> (granted pubkey -> capabilities)
+	byKey  *loadCache[memberEntry]                    // mesh|pubkey -> lookup result, for hellos
+	meshes *loadCache[*MeshRow]                       // mesh id -> row, for hellos
+	svcs   *loadCache[[]ServiceRow]                   // mesh id -> running services, for hellos
 
 	mu   sync.Mutex
 	keys map[string]string // member id -> peer_pubkey; a member's key never changes once bound (BindClaimedMember drops its entry)
@@ -89,8 +89,8 @@ func (m *MeshRow) Label() string {
 // lookups, services) keep an entry cacheTTL.
 func NewMemberDirectory(db *models.DB, now func() time.Time, cacheTTL time.Duration) *MemberDirectory {
 	return &MemberDirectory{db: db, now: now, keys: map[string]string{},
-		grants: newTTLCache[map[string]map[string][]string](cacheTTL, 10_000), byKey: newTTLCache[memberEntry](cacheTTL, 100_000),
-		meshes: newTTLCache[*MeshRow](cacheTTL, 10_000), svcs: newTTLCache[[]ServiceRow](cacheTTL, 10_000)}
+		grants: newLoadCache[map[string]map[string][]string](cacheTTL, 10_000), byKey: newLoadCache[memberEntry](cacheTTL, 100_000),
+		meshes: newLoadCache[*MeshRow](cacheTTL, 10_000), svcs: newLoadCache[[]ServiceRow](cacheTTL, 10_000)}
 }
 
 const memberColumns = "id, mesh_id, user_id, peer_pubkey, display_name, role, role_tag, default_groups, message_mode, revoked_at, peer_grants"
@@ -103,17 +103,14 @@ const memberColumns = "id, mesh_id, user_id, peer_pubkey, display_name, role, ro
 // queries; a revocation made elsewhere takes effect within that TTL, one
 // made by this broker (ban) at once.
 func (d *MemberDirectory) ByPubkey(ctx context.Context, meshID, pubkey string) (active, revoked *MemberRow, err error) {
-	key := meshID + "|" + pubkey
-	now := d.now()
-	if e, ok := d.byKey.get(key, now); ok {
-		return e.active, e.revoked, nil
-	}
-	active, revoked, err = d.lookupByPubkey(ctx, meshID, pubkey)
+	e, err := d.byKey.load(ctx, meshID+"|"+pubkey, d.now(), func(ctx context.Context) (memberEntry, error) {
+		active, revoked, err := d.lookupByPubkey(ctx, meshID, pubkey)
+		return memberEntry{active: active, revoked: revoked}, err
+	})
 	if err != nil {
 		return nil, nil, err
 	}
-	d.byKey.put(key, memberEntry{active: active, revoked: revoked}, now)
-	return active, revoked, nil
+	return e.active, e.revoked, nil
 }
 
 // Remember caches an active member row read at loaded by a query of its
@@ -182,16 +179,7 @@ func (d *MemberDirectory) Pubkey(ctx context.Context, memberID string) (string, 
 // Mesh returns the mesh row, or nil.
 // The row is cached for cacheTTL.
 func (d *MemberDirectory) Mesh(ctx context.Context, meshID string) (*MeshRow, error) {
-	now := d.now()
-	if row, ok := d.meshes.get(meshID, now); ok {
-		return row, nil
-	}
-	row, err := d.lookupMesh(ctx, meshID)
-	if err != nil {
-		return nil, err
-	}
-	d.meshes.put(meshID, row, now)
-	return row, nil
+	return d.meshes.load(ctx, meshID, d.now(), func(ctx context.Context) (*MeshRow, error) { return d.lookupMesh(ctx, meshID) })
 }
 
 func (d *MemberDirectory) lookupMesh(ctx context.Context, meshID string) (*MeshRow, error) {
@@ -212,18 +200,15 @@ func (d *MemberDirectory) lookupMesh(ctx context.Context, meshID string) (*MeshR
 // storm should not cost a query per socket. The rows are shared; callers
 // must not modify them.
 func (d *MemberDirectory) RunningServices(ctx context.Context, meshID string) ([]ServiceRow, error) {
-	now := d.now()
-	if rows, ok := d.svcs.get(meshID, now); ok {
+	return d.svcs.load(ctx, meshID, d.now(), func(ctx context.Context) ([]ServiceRow, error) {
+		var rows []ServiceRow
+		err := d.db.WithContext(ctx).Raw("SELECT name, description, status, tools_schema, deployed_by, deployed_by_name, scope FROM "+d.db.Table("service")+
+			" WHERE mesh_id = ? AND status = 'running'", meshID).Scan(&rows).Error
+		if err != nil {
+			return nil, fmt.Errorf("list services of mesh %s: %w", meshID, err)
+		}
 		return rows, nil
-	}
-	var rows []ServiceRow
-	err := d.db.WithContext(ctx).Raw("SELECT name, description, status, tools_schema, deployed_by, deployed_by_name, scope FROM "+d.db.Table("service")+
-		" WHERE mesh_id = ? AND status = 'running'", meshID).Scan(&rows).Error
-	if err != nil {
-		return nil, fmt.Errorf("list services of mesh %s: %w", meshID, err)
-	}
-	d.svcs.put(meshID, rows, now)
-	return rows, nil
+	})
 }
 
 // IsModerator reports whether memberID may disconnect, kick, ban or unban in
@@ -246,10 +231,10 @@ func (d *MemberDirectory) IsModerator(ctx context.Context, meshID, memberID stri
 // Grants returns peer_grants of every member of the mesh, keyed by the
 // member's pubkey, from a cache at most cacheTTL old.
 func (d *MemberDirectory) Grants(ctx context.Context, meshID string) (map[string]map[string][]string, error) {
-	now := d.now()
-	if byKey, ok := d.grants.get(meshID, now); ok {
-		return byKey, nil
-	}
+	return d.grants.load(ctx, meshID, d.now(), func(ctx context.Context) (map[string]map[string][]string, error) { return d.loadGrants(ctx, meshID) })
+}
+
+func (d *MemberDirectory) loadGrants(ctx context.Context, meshID string) (map[string]map[string][]string, error) {
 	var rows []struct {
 		PeerPubkey string
 		PeerGrants models.JSON
@@ -265,7 +250,6 @@ func (d *MemberDirectory) Grants(ctx context.Context, meshID string) (map[string
 			byKey[r.PeerPubkey] = g
 		}
 	}
-	d.grants.put(meshID, byKey, now)
 	return byKey, nil
 }
 

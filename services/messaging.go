@@ -59,11 +59,11 @@ type MessagingService struct {
 	audit    SendAuditor
 	limiter  *Limiters[string] // member id -> send bucket
 
-	drains sync.WaitGroup      // running drain goroutines
-	topics *ttlCache[[]string] // member id -> its `#topic` targets, for drains; guards itself
+	drains sync.WaitGroup       // running drain goroutines
+	topics *loadCache[[]string] // member id -> its `#topic` targets, for drains; guards itself
 	// member id -> row, for scheduled sends (a burst of one member's due
 	// schedules reads it once); guards itself
-	schedSenders *ttlCache[*MemberRow]
+	schedSenders *loadCache[*MemberRow]
 
 	mu         sync.Mutex
 	stopped    bool      // set by Stop: no new drains
@@ -96,8 +96,9 @@ func (d *delivery) compactLocked() {
 // inflight is one pushed, unacked row: the socket it went to and when its
 // claim runs out.
 type inflight struct {
-	out Outbox
-	exp time.Time
+	out    Outbox
+	exp    time.Time
+	pushed time.Time // offered to the socket, for meshbroker_push_ack_seconds
 }
 
 type acceptWait struct {
@@ -121,8 +122,8 @@ func NewMessagingService(cfg config.Config, log *slog.Logger, metrics *Metrics, 
 		status: status, members: members, audit: audit,
 		limiter:    NewLimiters[string](cfg.SendRateBurst, cfg.SendRatePerMin, sendLimiterKeys),
 		deliveries: map[string]*delivery{}, accepting: map[string]*acceptWait{},
-		multicast: newRecentIDs(1 << 16), topics: newTTLCache[[]string](cfg.MemberCacheTTL, 100_000),
-		schedSenders: newTTLCache[*MemberRow](cfg.MemberCacheTTL, 10_000),
+		multicast: newRecentIDs(1 << 16), topics: newLoadCache[[]string](cfg.MemberCacheTTL, 100_000),
+		schedSenders: newLoadCache[*MemberRow](cfg.MemberCacheTTL, 10_000),
 	}
 	presence.OnAttach(m.attached)
 	presence.OnDetach(m.detached)
@@ -318,6 +319,8 @@ func (m *MessagingService) Stop() {
 func (m *MessagingService) drain(d *delivery) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	started := time.Now()
+	defer func() { m.metrics.DrainDuration.Observe(time.Since(started).Seconds()) }()
 	c := d.conn
 	stopDraining := func() {
 		d.mu.Lock()
@@ -373,16 +376,7 @@ func (m *MessagingService) drain(d *delivery) {
 // topicTargets is the member's `#topic` drain targets, cached for
 // MemberCacheTTL; this process's topic joins and leaves invalidate it.
 func (m *MessagingService) topicTargets(ctx context.Context, memberID string) ([]string, error) {
-	now := m.now()
-	if targets, ok := m.topics.get(memberID, now); ok {
-		return targets, nil
-	}
-	t, err := m.queue.TopicTargets(ctx, memberID)
-	if err != nil {
-		return nil, err
-	}
-	m.topics.put(memberID, t, now)
-	return t, nil
+	return m.topics.load(ctx, memberID, m.now(), func(ctx context.Context) ([]string, error) { return m.queue.TopicTargets(ctx, memberID) })
 }
 
 func (m *MessagingService) forgetTopics(memberID string) { m.topics.drop(memberID) }
@@ -434,6 +428,7 @@ func drainTargets(c *Conn, groups []protocol.Group) []string {
 func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Outbox, rows []ClaimedRow) bool {
 	senderKeys := m.senderKeys(ctx, rows)
 	expiry := m.now().Add(m.cfg.ClaimLease)
+	pushedAt := time.Now() // real time, not the service clock: a latency metric
 	var unsent []string
 	d.mu.Lock()
 	for i, r := range rows {
@@ -457,7 +452,7 @@ func (m *MessagingService) pushClaimed(ctx context.Context, d *delivery, out Out
 			d.backlog = true
 			break
 		}
-		d.inflight[r.ID] = inflight{out: out, exp: expiry}
+		d.inflight[r.ID] = inflight{out: out, exp: expiry, pushed: pushedAt}
 		d.peak = max(d.peak, len(d.inflight))
 		m.metrics.MessagesRouted.WithLabelValues(r.Priority).Inc()
 	}
@@ -575,8 +570,9 @@ func (m *MessagingService) ClientAck(ctx context.Context, c *Conn, brokerID, cli
 	if d != nil {
 		d.mu.Lock()
 		d.everAcked = true
-		_, mine := d.inflight[brokerID]
+		sent, mine := d.inflight[brokerID]
 		if mine {
+			m.metrics.PushAckLatency.Observe(time.Since(sent.pushed).Seconds())
 			delete(d.inflight, brokerID)
 			d.compactLocked()
 		}

@@ -37,6 +37,20 @@ type Metrics struct {
 	Redelivered     prometheus.Counter
 	AcceptLatency   prometheus.Histogram
 	ReattachLatency prometheus.Histogram
+
+	// What an operator of a WebSocket broker looks for first.
+	DBErrors       *prometheus.CounterVec   // op: failed statements (not "record not found")
+	DBQuery        *prometheus.HistogramVec // op: statement latency
+	PushAckLatency prometheus.Histogram     // queue push written -> the client's client_ack
+	FramesIn       prometheus.Counter
+	FramesOut      prometheus.Counter
+	BytesIn        prometheus.Counter
+	BytesOut       prometheus.Counter
+	Closes         *prometheus.CounterVec   // code, by: how sockets ended
+	HelloLatency   *prometheus.HistogramVec // kind (hello, session_hello), result (ok, rejected, error)
+	DrainDuration  prometheus.Histogram     // one recipient's queue drain, start to idle
+	ShutdownTime   prometheus.Gauge         // seconds the last graceful shutdown's socket drain took
+	BuildInfo      *prometheus.GaugeVec     // version, revision, goversion; always 1
 }
 
 // NewMetrics registers every collector on a fresh registry, including the
@@ -71,6 +85,18 @@ func NewMetrics() *Metrics {
 	m.Redelivered = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_queue_redelivered_total", Help: "Queue rows released for another push (acking client lost its socket or let the claim expire)"})
 	m.AcceptLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_send_accept_seconds", Help: "send frame to committed row", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})
 	m.ReattachLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_reattach_seconds", Help: "hello received to hello_ack queued, for silent reattaches", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})
+	m.DBErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshbroker_db_errors_total", Help: "Database statements that failed, by gorm operation"}, []string{"op"})
+	m.DBQuery = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "meshbroker_db_query_seconds", Help: "Database statement latency, by gorm operation", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)}, []string{"op"})
+	m.PushAckLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_push_ack_seconds", Help: "Queue push handed to the socket to the recipient's client_ack", Buckets: prometheus.ExponentialBuckets(0.0005, 3, 12)})
+	m.FramesIn = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_ws_frames_received_total", Help: "WebSocket data frames read from peers"})
+	m.FramesOut = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_ws_frames_sent_total", Help: "WebSocket data frames written to peers"})
+	m.BytesIn = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_ws_received_bytes_total", Help: "Payload bytes of WebSocket data frames read"})
+	m.BytesOut = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_ws_sent_bytes_total", Help: "Payload bytes of WebSocket data frames written"})
+	m.Closes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshbroker_ws_closes_total", Help: "WebSockets ended, by close code and by who ended them (broker, peer, network)"}, []string{"code", "by"})
+	m.HelloLatency = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "meshbroker_hello_seconds", Help: "hello frame received to hello_ack queued or rejection, by hello kind and result", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)}, []string{"kind", "result"})
+	m.DrainDuration = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_queue_drain_seconds", Help: "One recipient's queue drain, from its trigger to nothing left to claim", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})
+	m.ShutdownTime = prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshbroker_shutdown_drain_seconds", Help: "How long the last graceful shutdown took to close every socket (0 before any)"})
+	m.BuildInfo = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshbroker_build_info", Help: "Always 1; the labels say which build is running"}, []string{"version", "revision", "goversion"})
 
 	// Label values known up front are created at zero, so every metric
 	// shows up on /metrics before its first event, as the reference's do.
@@ -90,12 +116,17 @@ func NewMetrics() *Metrics {
 	for _, r := range []string{"lease_expired", "dedup", "kick", "disconnect", "ban"} {
 		m.Evictions.WithLabelValues(r)
 	}
+	for _, op := range dbOps {
+		m.DBErrors.WithLabelValues(op)
+	}
 
 	for _, c := range []prometheus.Collector{
 		m.ConnectionsTotal, m.ConnectionsRejected, m.ConnectionsActive, m.MessagesRouted, m.MessagesRejected,
 		m.MessagesDroppedGrant, m.LegacyAuthHits, m.QueueDepth, m.TTLSweeps, m.HookRequests, m.HookRateLimited,
 		m.DBHealthy, m.OfflineLeases, m.Reattaches, m.Evictions, m.ClaimAge, m.QueueBatchSize, m.SlowConsumers,
 		m.AuditPending, m.AuditFailed, m.AuditWritten, m.DeliveredOnce, m.Redelivered, m.AcceptLatency, m.ReattachLatency,
+		m.DBErrors, m.DBQuery, m.PushAckLatency, m.FramesIn, m.FramesOut, m.BytesIn, m.BytesOut, m.Closes, m.HelloLatency,
+		m.DrainDuration, m.ShutdownTime, m.BuildInfo,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	} {
 		f(c)

@@ -104,6 +104,25 @@ const (
 	RoleSession      PeerRole = "session"
 )
 
+// Kind names the hello a presence came from for log lines: "member" for a
+// member-key hello (stored as role control-plane, the reference's name for
+// a daemon's long-lived socket), "session" for session_hello.
+func (r PeerRole) Kind() string {
+	if r == RoleSession {
+		return "session"
+	}
+	return "member"
+}
+
+// remoteOf is the peer address of out for log lines, when the outbox knows
+// one (the WebSocket edge's does).
+func remoteOf(out Outbox) string {
+	if r, ok := out.(interface{ RemoteAddr() string }); ok {
+		return r.RemoteAddr()
+	}
+	return ""
+}
+
 // Conn is one presence: a session's place in the registry, which outlives
 // its sockets while the lease holds (the reference's "Conn").
 type Conn struct {

@@ -123,11 +123,17 @@ func (p *ProvisionService) insertMember(tx *gorm.DB, meshID, memberID, pubkey, n
 	return nil
 }
 
-// AddMember enrolls an existing public key in a mesh.
+// AddMember enrolls an existing public key in a mesh. The key may be given
+// in either case; it is stored in lower case, as hellos carry it. A key
+// whose member was revoked is enrolled again as a new member row: the
+// revoked row keeps its history (audit entries, queued rows name it), and
+// hello lookups prefer the active row. The shared schema has no unique
+// constraint on (mesh_id, peer_pubkey), so both rows can exist.
 func (p *ProvisionService) AddMember(ctx context.Context, meshID, pubkey, name, role string) (Identity, error) {
+	pubkey = strings.ToLower(strings.TrimSpace(pubkey))
 	switch {
 	case !protocol.IsLowerHex(pubkey, 64):
-		return Identity{}, newError(protocol.CodeInvalidArgument, "pubkey must be 64 lowercase hex characters")
+		return Identity{}, newError(protocol.CodeInvalidArgument, "pubkey must be 64 hex characters (32 bytes)")
 	case strings.TrimSpace(name) == "":
 		return Identity{}, newError(protocol.CodeInvalidArgument, "name must not be empty")
 	case role != "admin" && role != "member":
@@ -142,7 +148,7 @@ func (p *ProvisionService) AddMember(ctx context.Context, meshID, pubkey, name, 
 		if n == 0 {
 			return newError(protocol.CodeNotFound, "no mesh "+meshID)
 		}
-		if err := tx.Raw("SELECT count(*) FROM "+p.db.Table("member")+" WHERE mesh_id = ? AND peer_pubkey = ?", meshID, pubkey).Scan(&n).Error; err != nil {
+		if err := tx.Raw("SELECT count(*) FROM "+p.db.Table("member")+" WHERE mesh_id = ? AND peer_pubkey = ? AND revoked_at IS NULL", meshID, pubkey).Scan(&n).Error; err != nil {
 			return err
 		}
 		if n > 0 {
@@ -158,6 +164,9 @@ func (p *ProvisionService) AddMember(ctx context.Context, meshID, pubkey, name, 
 
 // RevokeMember sets revoked_at on the member with that id or pubkey.
 func (p *ProvisionService) RevokeMember(ctx context.Context, meshID, ref string) (string, error) {
+	if protocol.IsLowerHex(strings.ToLower(ref), 64) {
+		ref = strings.ToLower(ref) // a pubkey; member ids are not 64 hex
+	}
 	res := p.db.WithContext(ctx).Exec("UPDATE "+p.db.Table("member")+" SET revoked_at = ? WHERE mesh_id = ? AND (id = ? OR peer_pubkey = ?) AND revoked_at IS NULL",
 		p.now().UTC(), meshID, ref, ref)
 	if res.Error != nil {
@@ -202,4 +211,65 @@ func slugify(name string) string {
 		s = "mesh"
 	}
 	return s
+}
+
+// KeyPair is what `meshbroker keygen` prints: the public key for
+// `member add` and the 64-byte libsodium-style secret for an identity file.
+type KeyPair struct {
+	Pubkey    string `json:"pubkey"`
+	SecretKey string `json:"secretKey"`
+}
+
+// NewKeyPair renders key as hex.
+func NewKeyPair(key ed25519.PrivateKey) KeyPair {
+	return KeyPair{Pubkey: protocol.PubkeyHex(key), SecretKey: hex.EncodeToString(key)}
+}
+
+// MeshSummary is one line of `mesh list`.
+type MeshSummary struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	Slug      string    `json:"slug"`
+	CreatedAt time.Time `json:"createdAt"`
+	Members   int       `json:"members"` // active (not revoked)
+}
+
+// ListMeshes lists every mesh that is not archived, oldest first.
+func (p *ProvisionService) ListMeshes(ctx context.Context) ([]MeshSummary, error) {
+	out := []MeshSummary{}
+	err := p.db.WithContext(ctx).Raw("SELECT m.id, m.name, m.slug, m.created_at, " +
+		"(SELECT count(*) FROM " + p.db.Table("member") + " x WHERE x.mesh_id = m.id AND x.revoked_at IS NULL) AS members " +
+		"FROM " + p.db.Table("mesh") + " m WHERE m.archived_at IS NULL ORDER BY m.created_at, m.id").Scan(&out).Error
+	if err != nil {
+		return nil, fmt.Errorf("list meshes: %w", err)
+	}
+	return out, nil
+}
+
+// MemberSummary is one line of `member list`.
+type MemberSummary struct {
+	ID          string     `json:"id"`
+	DisplayName string     `json:"displayName"`
+	Pubkey      string     `json:"pubkey" gorm:"column:peer_pubkey"`
+	Role        string     `json:"role"`
+	JoinedAt    time.Time  `json:"joinedAt"`
+	RevokedAt   *time.Time `json:"revokedAt,omitempty"`
+}
+
+// ListMembers lists a mesh's members, revoked ones included, oldest first.
+func (p *ProvisionService) ListMembers(ctx context.Context, meshID string) ([]MemberSummary, error) {
+	var n int64
+	if err := p.db.WithContext(ctx).Raw("SELECT count(*) FROM "+p.db.Table("mesh")+" WHERE id = ?", meshID).Scan(&n).Error; err != nil {
+		return nil, fmt.Errorf("list members: %w", err)
+	}
+	if n == 0 {
+		return nil, newError(protocol.CodeNotFound, "no mesh "+meshID)
+	}
+	out := []MemberSummary{}
+	err := p.db.WithContext(ctx).Raw("SELECT id, display_name, peer_pubkey, role, joined_at, revoked_at FROM "+p.db.Table("member")+
+		" WHERE mesh_id = ? ORDER BY joined_at, id", meshID).Scan(&out).Error
+	if err != nil {
+		return nil, fmt.Errorf("list members of %s: %w", meshID, err)
+	}
+	return out, nil
 }

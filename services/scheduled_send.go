@@ -41,13 +41,11 @@ type ScheduledOutcome struct {
 
 // SendScheduled sends s as its creator.
 func (m *MessagingService) SendScheduled(ctx context.Context, s ScheduledSend) (ScheduledOutcome, error) {
-	member, ok := m.schedSenders.get(s.MemberID, m.now())
-	if !ok {
-		var err error
-		if member, err = m.members.ByID(ctx, s.MemberID); err != nil {
-			return ScheduledOutcome{}, err
-		}
-		m.schedSenders.put(s.MemberID, member, m.now())
+	member, err := m.schedSenders.load(ctx, s.MemberID, m.now(), func(ctx context.Context) (*MemberRow, error) {
+		return m.members.ByID(ctx, s.MemberID)
+	})
+	if err != nil {
+		return ScheduledOutcome{}, err
 	}
 	if member == nil || member.RevokedAt != nil || member.MeshID != s.MeshID {
 		return ScheduledOutcome{SenderGone: true, Rejection: "sender is no longer a member"}, nil
