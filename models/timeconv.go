@@ -102,7 +102,9 @@ func (c *sqliteConn) Prepare(query string) (driver.Stmt, error) { return c.inner
 func (c *sqliteConn) Close() error { return c.inner.Close() }
 
 // Begin exists because driver.Conn requires it; database/sql calls BeginTx.
-func (c *sqliteConn) Begin() (driver.Tx, error) { return c.inner.Begin() }
+func (c *sqliteConn) Begin() (driver.Tx, error) {
+	return c.BeginTx(context.Background(), driver.TxOptions{})
+}
 
 func (c *sqliteConn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
 	if b, ok := c.inner.(driver.ConnBeginTx); ok {

@@ -3,13 +3,10 @@ package services
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
 	"time"
-
-	"gorm.io/gorm"
 
 	"github.com/claudemesh/meshbroker/models"
 )
@@ -285,10 +282,4 @@ func shortKey(k string) string {
 		return k[:8]
 	}
 	return k
-}
-
-var errNotFound = errors.New("not found")
-
-func isNotFound(err error) bool {
-	return errors.Is(err, gorm.ErrRecordNotFound) || errors.Is(err, errNotFound)
 }

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/url"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -173,5 +172,3 @@ func pct(n, of int64) float64 {
 	}
 	return 100 * float64(n) / float64(of)
 }
-
-func indent(s string) string { return "  " + strings.ReplaceAll(s, "\n", "\n  ") }
