@@ -48,16 +48,21 @@ type Config struct {
 	PendingSweepInterval time.Duration // default 10 s
 
 	// Handshake and liveness (01 §7).
-	HelloTimeout   time.Duration // HELLO_TIMEOUT_MS, default 10 s: unauthenticated sockets are closed after it
-	HelloSkew      time.Duration // default 60 s: accepted |now - hello.timestamp|
-	MaxAttestTTL   time.Duration // default 24 h: furthest accepted attestation expiry
-	PingInterval   time.Duration // default 30 s: broker pings each online socket this often
-	PongTimeout    time.Duration // default 75 s: no pong for this long and the socket is terminated
-	WriteWait      time.Duration // default 10 s: one socket write may take this long
-	LeaseTTL       time.Duration // LEASE_TTL_MS, default 90 s: offline lease (grace) after a socket drops
-	StaleSweep     time.Duration // default 30 s: DB stale-presence sweeper interval
-	StaleThreshold time.Duration // default 90 s: rows with last_ping_at older than this are marked disconnected
-	LeaseFlush     time.Duration // default 250 ms: changed leases (meshbroker_lease) are rewritten in one batch this often
+	HelloTimeout time.Duration // HELLO_TIMEOUT_MS, default 10 s: unauthenticated sockets are closed after it
+	HelloSkew    time.Duration // default 60 s: accepted |now - hello.timestamp|
+	MaxAttestTTL time.Duration // default 24 h: furthest accepted attestation expiry
+	PingInterval time.Duration // default 30 s: broker pings each online socket this often
+	PongTimeout  time.Duration // default 75 s: no pong for this long and the socket is terminated
+	WriteWait    time.Duration // default 10 s: one socket write may take this long
+	LeaseTTL     time.Duration // LEASE_TTL_MS, default 90 s: offline lease (grace) after a socket drops
+	// CleanCloseLease (CLEAN_CLOSE_LEASE_MS, default 2 s, 0 allowed) is the
+	// grace of a member presence whose client closed its socket itself with
+	// 1000, 1001 or an empty close frame: the client said it is done, so
+	// the presence ends after this instead of LeaseTTL (capped by it).
+	CleanCloseLease time.Duration
+	StaleSweep      time.Duration // default 30 s: DB stale-presence sweeper interval
+	StaleThreshold  time.Duration // default 90 s: rows with last_ping_at older than this are marked disconnected
+	LeaseFlush      time.Duration // default 250 ms: changed leases (meshbroker_lease) are rewritten in one batch this often
 
 	// Queue (02 §5).
 	ClaimLease        time.Duration // CLAIM_LEASE_MS, default 30 s: a claimed row is invisible to other drains this long
@@ -125,16 +130,17 @@ func Default() Config {
 		PendingStatusTTL:     10 * time.Second,
 		PendingSweepInterval: 10 * time.Second,
 
-		HelloTimeout:   10 * time.Second,
-		HelloSkew:      60 * time.Second,
-		MaxAttestTTL:   24 * time.Hour,
-		PingInterval:   30 * time.Second,
-		PongTimeout:    75 * time.Second,
-		WriteWait:      10 * time.Second,
-		LeaseTTL:       90 * time.Second,
-		StaleSweep:     30 * time.Second,
-		StaleThreshold: 90 * time.Second,
-		LeaseFlush:     250 * time.Millisecond,
+		HelloTimeout:    10 * time.Second,
+		HelloSkew:       60 * time.Second,
+		MaxAttestTTL:    24 * time.Hour,
+		PingInterval:    30 * time.Second,
+		PongTimeout:     75 * time.Second,
+		WriteWait:       10 * time.Second,
+		LeaseTTL:        90 * time.Second,
+		CleanCloseLease: 2 * time.Second,
+		StaleSweep:      30 * time.Second,
+		StaleThreshold:  90 * time.Second,
+		LeaseFlush:      250 * time.Millisecond,
 
 		ClaimLease:          30 * time.Second,
 		ClaimReapInterval:   15 * time.Second,
@@ -329,6 +335,9 @@ var vars = []envVar{
 	{name: "LEASE_TTL_MS", accepts: "an integer 10-86400000 (milliseconds)", help: "offline lease after a socket drops; a reconnect inside it is silent",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.LeaseTTL }),
 		set: durationIn(time.Millisecond, 10, 86_400_000, func(c *Config) *time.Duration { return &c.LeaseTTL })},
+	{name: "CLEAN_CLOSE_LEASE_MS", accepts: "an integer 0-60000 (milliseconds)", help: "grace of a member presence whose client closed its socket normally (1000/1001/no code); 0 ends it at once; never longer than LEASE_TTL_MS",
+		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.CleanCloseLease }),
+		set: durationIn(time.Millisecond, 0, 60_000, func(c *Config) *time.Duration { return &c.CleanCloseLease })},
 	{name: "HELLO_TIMEOUT_MS", accepts: "an integer 10-600000 (milliseconds)", help: "a socket without a completed hello is closed after this",
 		def: showDuration(time.Millisecond, func(c Config) time.Duration { return c.HelloTimeout }),
 		set: durationIn(time.Millisecond, 10, 600_000, func(c *Config) *time.Duration { return &c.HelloTimeout })},

@@ -36,6 +36,7 @@ func TestNumericVariablesHaveRanges(t *testing.T) {
 		{"DELIVERED_FLUSH_MS", "1", "100", "0", "101"},
 		{"SHUTDOWN_TIMEOUT_MS", "100", "600000", "99", "600001"},
 		{"SHUTDOWN_CONFIRM_MS", "1", "60000", "0", "60001"},
+		{"CLEAN_CLOSE_LEASE_MS", "0", "60000", "-1", "60001"},
 	} {
 		for _, ok := range []string{tt.lo, tt.hi} {
 			if _, err := Load(env(map[string]string{tt.name: ok})); err != nil {
@@ -60,7 +61,7 @@ func TestEveryIntegerVariableIsInTheRangeTest(t *testing.T) {
 	covered := "BROKER_PORT STATUS_TTL_SECONDS HOOK_FRESH_WINDOW_SECONDS MAX_CONNECTIONS_PER_MESH MAX_MESSAGE_BYTES HOOK_RATE_LIMIT_PER_MIN " +
 		"SEND_RATE_LIMIT_PER_MIN SEND_RATE_BURST LEASE_TTL_MS HELLO_TIMEOUT_MS GOGC DB_START_TIMEOUT_MS " +
 		"HOOK_RATE_LIMIT_PER_ADDR_PER_MIN HOOK_PENDING_MAX CLAIM_LEASE_MS CLAIM_REAP_INTERVAL_MS PUSH_CONFIRM_MS DELIVERED_FLUSH_MS " +
-		"SHUTDOWN_TIMEOUT_MS SHUTDOWN_CONFIRM_MS"
+		"SHUTDOWN_TIMEOUT_MS SHUTDOWN_CONFIRM_MS CLEAN_CLOSE_LEASE_MS"
 	rangeRE := regexp.MustCompile(`\d+-\d+`)
 	for _, v := range vars {
 		if strings.Contains(v.accepts, "integer") && !strings.Contains(" "+covered+" ", " "+v.name+" ") {

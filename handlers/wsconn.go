@@ -58,6 +58,11 @@ type wsConn struct {
 	deadlineMu sync.Mutex
 	graced     bool
 
+	// Reader-owned: set by readFrames when the client ended the socket
+	// itself with a normal close (clientClosedNormally), read by serve
+	// after the reader returned.
+	closedByClient bool
+
 	authed    atomic.Bool                   // set by the reader after a successful hello; read by the hello timer
 	ident     atomic.Pointer[services.Conn] // the presence, for log lines; set with authed
 	confirmed atomic.Uint64                 // highest write sequence a pong has confirmed; set by the reader
@@ -611,7 +616,11 @@ func (w *wsConn) serve() {
 	}
 	w.qmu.Unlock()
 	if w.presence != nil {
-		w.srv.svc.Presence.Closed(w.presence, w)
+		if w.closedByClient {
+			w.srv.svc.Presence.ClosedByClient(w.presence, w)
+		} else {
+			w.srv.svc.Presence.Closed(w.presence, w)
+		}
 	}
 }
 
@@ -633,6 +642,7 @@ func (w *wsConn) readFrames() {
 	for {
 		_, data, err := w.ws.ReadMessage()
 		if err != nil {
+			w.closedByClient = w.clientClosedNormally(err)
 			w.logReadEnd(err)
 			return
 		}
@@ -728,6 +738,30 @@ func (w *wsConn) heartbeat() {
 		w.pingTimer.Reset(w.srv.cfg.PingInterval)
 	}
 	w.qmu.Unlock()
+}
+
+// clientClosedNormally reports whether the read ended because the client
+// sent a normal close (1000, 1001, or a close frame with no code, which is
+// what the `ws` package's close() sends) before the broker began closing
+// this socket. A close frame answering the broker's own (shutdown, kick,
+// session_replaced, a protocol error) echoes the broker's code and does not
+// count; a drop (no close frame) arrives as 1006 or a read error.
+func (w *wsConn) clientClosedNormally(err error) bool {
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) {
+		return false
+	}
+	switch ce.Code {
+	case websocket.CloseNormalClosure, websocket.CloseGoingAway, websocket.CloseNoStatusReceived:
+	default:
+		return false
+	}
+	select {
+	case <-w.closing:
+		return false
+	default:
+		return true
+	}
 }
 
 func (w *wsConn) logReadEnd(err error) {

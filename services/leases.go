@@ -358,7 +358,7 @@ func (p *PresenceService) RestoreLeases(ctx context.Context) (int, error) {
 		p.addLocked(c)
 		p.offline++
 		gen := c.leaseGen
-		c.leaseTimer = time.AfterFunc(p.cfg.LeaseTTL, func() { p.expire(c, gen) })
+		c.leaseTimer = time.AfterFunc(p.cfg.LeaseTTL, func() { p.expire(c, gen, EvictLeaseExpired) })
 		if rows[i].LeaseState == leaseHeld {
 			held++
 		} else {

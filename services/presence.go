@@ -83,6 +83,7 @@ type EvictReason string
 
 const (
 	EvictLeaseExpired EvictReason = "lease_expired"
+	EvictClientClosed EvictReason = "client_closed" // the short grace after a client's own normal close ran out
 	EvictDedup        EvictReason = "dedup"
 	EvictKick         EvictReason = "kick"
 	EvictDisconnect   EvictReason = "disconnect"
@@ -405,10 +406,32 @@ func (p *PresenceService) Broadcast(meshID string, f protocol.Frame, keep func(v
 	}
 }
 
-// Closed is the socket close handler (01 §7.2): the presence enters its
-// grace window unless the socket was already replaced or the entry is gone.
+// Closed is the socket close handler (01 §7.2) for a socket that dropped
+// or that the broker closed: the presence enters its grace window of
+// LeaseTTL unless the socket was already replaced or the entry is gone.
 // No database presence write and no broadcast happen here.
-func (p *PresenceService) Closed(c *Conn, out Outbox) {
+func (p *PresenceService) Closed(c *Conn, out Outbox) { p.closed(c, out, false) }
+
+// ClosedByClient is the close handler for a socket whose client sent a
+// normal close itself (1000, 1001 or a close frame without a code) before
+// the broker closed it. A member presence then ends after CleanCloseLease
+// instead of LeaseTTL: every real client (CLI one-shot commands, the
+// daemon's member socket, the SDK's close()) closes normally only when it
+// is done, and reconnects only after a drop. A session presence keeps the
+// full lease: the CLI daemon closes a session socket normally when the
+// session registers again and opens the same session key at once, which
+// must reattach silently.
+func (p *PresenceService) ClosedByClient(c *Conn, out Outbox) { p.closed(c, out, true) }
+
+// graceFor is the grace a closing socket's presence gets.
+func (p *PresenceService) graceFor(c *Conn, byClient bool) (time.Duration, EvictReason) {
+	if byClient && c.Role == RoleControlPlane && p.cfg.CleanCloseLease < p.cfg.LeaseTTL {
+		return p.cfg.CleanCloseLease, EvictClientClosed
+	}
+	return p.cfg.LeaseTTL, EvictLeaseExpired
+}
+
+func (p *PresenceService) closed(c *Conn, out Outbox, byClient bool) {
 	if c == nil {
 		return
 	}
@@ -433,19 +456,23 @@ func (p *PresenceService) Closed(c *Conn, out Outbox) {
 		p.evict(c, EvictDefensive, true)
 		return
 	}
+	grace, reason := p.graceFor(c, byClient)
 	c.online = false
 	c.out = nil
-	c.leaseUntil = p.now().Add(p.cfg.LeaseTTL)
+	c.leaseUntil = p.now().Add(grace)
 	c.leaseGen++
 	gen := c.leaseGen
-	c.leaseTimer = time.AfterFunc(p.cfg.LeaseTTL, func() { p.expire(c, gen) })
+	// A zero grace still goes through the timer: the detach hooks and the
+	// peer-state save below run first, and the eviction is the lease
+	// expiry's own path, generation-checked like any other.
+	c.leaseTimer = time.AfterFunc(grace, func() { p.expire(c, gen, reason) })
 	p.offline++
 	p.metrics.OfflineLeases.Set(float64(p.offline))
 	p.markDirtyLocked(c)
 	snap := p.peerStateLocked(c)
 	p.mu.Unlock()
 
-	p.log.Info("ws grace start", "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()), "lease_ms", p.cfg.LeaseTTL.Milliseconds())
+	p.log.Info("ws grace start", "presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()), "lease_ms", grace.Milliseconds(), "client_closed", byClient)
 	unsent := out.Unsent()
 	for _, fn := range p.onDetach {
 		fn(c, out, unsent)
@@ -460,25 +487,25 @@ func (p *PresenceService) Wait() { p.bg.Wait() }
 
 // expire is the lease timer: it evicts unless a reattach moved the
 // generation on.
-func (p *PresenceService) expire(c *Conn, gen uint64) {
+func (p *PresenceService) expire(c *Conn, gen uint64, reason EvictReason) {
 	p.mu.RLock()
 	current := p.conns[c.PresenceID] == c && c.leaseGen == gen && !c.online
 	p.mu.RUnlock()
 	if current {
-		p.evictIf(c, gen)
+		p.evictIf(c, gen, reason)
 	}
 }
 
 // evictIf evicts c only if its lease generation is still gen, checked in
 // the same critical section that removes it.
-func (p *PresenceService) evictIf(c *Conn, gen uint64) {
+func (p *PresenceService) evictIf(c *Conn, gen uint64, reason EvictReason) {
 	p.mu.Lock()
 	if c.leaseGen != gen || c.online || !p.removeLocked(c) {
 		p.mu.Unlock()
 		return
 	}
 	p.mu.Unlock()
-	p.afterRemoval(c, EvictLeaseExpired, true)
+	p.afterRemoval(c, reason, true)
 }
 
 // Evict removes c through the one eviction path (R1). announce sends
