@@ -11,10 +11,13 @@ package modelstest
 import (
 	"context"
 	"database/sql"
+	"fmt"
 	"log/slog"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -31,15 +34,82 @@ const setupTimeout = 30 * time.Second
 
 // OpenTestDB returns a bootstrapped, empty database that is closed (and on
 // Postgres dropped) when the test ends.
+// On SQLite it starts from SeededDataDir, so Bootstrap here takes its path
+// for a database that is already complete.
 func OpenTestDB(tb testing.TB) *models.DB {
 	tb.Helper()
-	db := OpenEmptyDB(tb)
+	var db *models.DB
+	if os.Getenv(EnvDatabaseURL) != "" {
+		db = OpenEmptyDB(tb)
+	} else {
+		db = openIn(tb, "", SeededDataDir(tb))
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), setupTimeout)
 	defer cancel()
 	if err := db.Bootstrap(ctx); err != nil {
 		tb.Fatalf("modelstest: %v", err)
 	}
 	return db
+}
+
+// SeededDataDir returns a new temporary directory whose one file is a
+// freshly bootstrapped SQLite database (models.SQLiteFileName), for a broker
+// or OpenTestDB to open. Bootstrapping is most of the CPU an end-to-end test
+// spends under the race detector (every CREATE makes SQLite re-read its
+// schema), so the test binary bootstraps once and copies the file. The
+// copy is a byte image taken with VACUUM INTO, so nothing is shared between
+// tests. Tests of bootstrap itself use OpenEmptyDB.
+func SeededDataDir(tb testing.TB) string {
+	tb.Helper()
+	image, err := sqliteSeed.get()
+	if err != nil {
+		tb.Fatalf("modelstest: %v", err)
+	}
+	dir := tb.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, models.SQLiteFileName), image, 0o600); err != nil {
+		tb.Fatalf("modelstest: seed data dir: %v", err)
+	}
+	return dir
+}
+
+// sqliteSeed is the test binary's bootstrapped database image, built on
+// first use. It is never written after that, so tests may share it.
+var sqliteSeed seedImage
+
+type seedImage struct {
+	once  sync.Once
+	image []byte
+	err   error
+}
+
+func (s *seedImage) get() ([]byte, error) {
+	s.once.Do(func() { s.image, s.err = bootstrapImage() })
+	return s.image, s.err
+}
+
+// bootstrapImage bootstraps a database in a scratch directory and returns
+// the bytes of a self-contained copy of it.
+func bootstrapImage() ([]byte, error) {
+	scratch, err := os.MkdirTemp("", "meshbroker-seed-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(scratch)
+	ctx, cancel := context.WithTimeout(context.Background(), setupTimeout)
+	defer cancel()
+	db, err := models.Open(ctx, "", filepath.Join(scratch, "db"), nil)
+	if err != nil {
+		return nil, fmt.Errorf("seed: %w", err)
+	}
+	defer db.Close()
+	if err := db.Bootstrap(ctx); err != nil {
+		return nil, fmt.Errorf("seed: %w", err)
+	}
+	image := filepath.Join(scratch, "image.db")
+	if err := db.WithContext(ctx).Exec("VACUUM INTO ?", image).Error; err != nil {
+		return nil, fmt.Errorf("seed: vacuum into: %w", err)
+	}
+	return os.ReadFile(image)
 }
 
 // OpenEmptyDB is OpenTestDB without Bootstrap: nothing exists yet.
@@ -56,10 +126,15 @@ func OpenEmptyDB(tb testing.TB) *models.DB {
 // writes to the test's output, and closes it when the test ends.
 func Open(tb testing.TB, databaseURL string) *models.DB {
 	tb.Helper()
+	return openIn(tb, databaseURL, tb.TempDir())
+}
+
+func openIn(tb testing.TB, databaseURL, dataDir string) *models.DB {
+	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), setupTimeout)
 	defer cancel()
 	logger := slog.New(slog.NewTextHandler(tb.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
-	db, err := models.Open(ctx, databaseURL, tb.TempDir(), logger)
+	db, err := models.Open(ctx, databaseURL, dataDir, logger)
 	if err != nil {
 		tb.Fatalf("modelstest: %v", err)
 	}
