@@ -50,6 +50,12 @@ type wsConn struct {
 	closeOnce  sync.Once
 	closeFrame protocol.Close
 	abrupt     bool // Terminate: drop the TCP connection, no close frame
+	// writeFailed: the close began because a write to the peer failed, most
+	// often because the peer had already closed. The broker did not choose
+	// to end the session, so a close frame the peer sent first still counts
+	// as the peer's (a one-shot CLI command sends a request and closes at
+	// once; the reply's write fails before the reader sees the close).
+	writeFailed bool
 
 	// deadlineMu orders read-deadline renewals (reader) against the close
 	// grace (writer): once graced is set no renewal may push the deadline
@@ -217,12 +223,19 @@ func (w *wsConn) takeQueuedLocked(spare []protocol.Frame) []protocol.Frame {
 }
 
 // Close sends c after the frames already offered, then ends the socket.
-func (w *wsConn) Close(c protocol.Close) { w.shutdown(c, false) }
+func (w *wsConn) Close(c protocol.Close) { w.shutdown(c, false, false) }
 
 // Terminate ends the socket without a close frame; the peer sees 1006.
 func (w *wsConn) Terminate() {
-	w.shutdown(protocol.Close{}, true)
+	w.shutdown(protocol.Close{}, true, false)
 	_ = w.ws.NetConn().Close() // unblocks both loops at once
+}
+
+// writeFailure ends the socket after a failed write, as Terminate does, but
+// records that the broker did not choose to (see writeFailed).
+func (w *wsConn) writeFailure() {
+	w.shutdown(protocol.Close{}, true, true)
+	_ = w.ws.NetConn().Close()
 }
 
 // takeConfirmed removes and returns the written pushes a pong up to write
@@ -290,9 +303,9 @@ func pushMessageID(f protocol.Frame) (string, bool) {
 	return string(rest[:end]), true
 }
 
-func (w *wsConn) shutdown(c protocol.Close, abrupt bool) {
+func (w *wsConn) shutdown(c protocol.Close, abrupt, writeFailed bool) {
 	w.closeOnce.Do(func() {
-		w.closeFrame, w.abrupt = c, abrupt
+		w.closeFrame, w.abrupt, w.writeFailed = c, abrupt, writeFailed
 		close(w.closing)
 		w.kickWriter()
 	})
@@ -385,7 +398,7 @@ func (w *wsConn) writeBatch(batch []protocol.Frame, bc *batchConn) bool {
 	}
 	if held {
 		if err := bc.Release(); err != nil {
-			w.Terminate()
+			w.writeFailure()
 			return false
 		}
 	}
@@ -401,7 +414,7 @@ func (w *wsConn) writeFrame(f protocol.Frame) bool {
 			w.written = append(w.written, writtenPush{seq: math.MaxUint64, id: id}) // never confirmed
 			w.wmu.Unlock()
 		}
-		w.Terminate()
+		w.writeFailure()
 		return false
 	}
 	w.writeSeq++
@@ -438,7 +451,7 @@ func (w *wsConn) armConfirm() {
 func (w *wsConn) sendPing() bool {
 	payload := strconv.AppendUint(nil, w.writeSeq, 10)
 	if err := w.ws.WriteControl(websocket.PingMessage, payload, time.Now().Add(w.srv.cfg.WriteWait)); err != nil {
-		w.Terminate()
+		w.writeFailure()
 		return false
 	}
 	return true
@@ -583,9 +596,15 @@ func (w *wsConn) serve() {
 	code, by := 1006, "network"
 	select {
 	case <-w.closing:
-		by = "broker"
-		if !w.abrupt && w.closeFrame.Code != 0 {
-			code = w.closeFrame.Code
+		switch {
+		case w.writeFailed && w.peerClose != 0:
+			code, by = w.peerClose, "peer"
+		case w.writeFailed:
+		default:
+			by = "broker"
+			if !w.abrupt && w.closeFrame.Code != 0 {
+				code = w.closeFrame.Code
+			}
 		}
 	default:
 		if w.peerClose != 0 {
@@ -606,7 +625,7 @@ func (w *wsConn) serve() {
 	}
 	// Tear the socket down before the presence cleanup, so a reconnecting
 	// client never finds this socket still registered as live.
-	w.shutdown(protocol.Close{}, true)
+	w.shutdown(protocol.Close{}, true, false)
 	_ = w.ws.NetConn().Close()
 	<-w.writerDone
 	w.qmu.Lock()
@@ -745,7 +764,9 @@ func (w *wsConn) heartbeat() {
 // what the `ws` package's close() sends) before the broker began closing
 // this socket. A close frame answering the broker's own (shutdown, kick,
 // session_replaced, a protocol error) echoes the broker's code and does not
-// count; a drop (no close frame) arrives as 1006 or a read error.
+// count; a drop (no close frame) arrives as 1006 or a read error. A close
+// that began with a failed write (writeFailed) is not the broker's own: the
+// peer's close frame read after it still counts.
 func (w *wsConn) clientClosedNormally(err error) bool {
 	var ce *websocket.CloseError
 	if !errors.As(err, &ce) {
@@ -758,7 +779,7 @@ func (w *wsConn) clientClosedNormally(err error) bool {
 	}
 	select {
 	case <-w.closing:
-		return false
+		return w.writeFailed // the broker's own close does not count; a failed write is not one
 	default:
 		return true
 	}
