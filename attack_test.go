@@ -25,6 +25,7 @@ import (
 // page must not be taken for the member: a request a browser sent (it
 // carries Origin) needs the signed proof.
 func TestMemberRoutesRefuseBrowserRequestsOnLiveSessionProof(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	b.connect(f.a, client.Options{}) // alice, the owner, runs her daemon on this machine
@@ -64,6 +65,7 @@ func TestMemberRoutesRefuseBrowserRequestsOnLiveSessionProof(t *testing.T) {
 // holder must lose it, as it does to a session hello (proof wins over a
 // label): otherwise its pushes carry the new member's key as senderPubkey.
 func TestMemberHelloEvictsForeignLabelOfItsKey(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 	_, daveKey, _ := ed25519.GenerateKey(nil)
@@ -102,6 +104,7 @@ func TestMemberHelloEvictsForeignLabelOfItsKey(t *testing.T) {
 // is kept anywhere, or a few hundred hellos (member or session) pin tens
 // of megabytes.
 func TestHelloWithHugeMeshIDKeepsNothing(t *testing.T) {
+	// Not parallel: it reads the whole process's heap.
 	b := startTestBroker(t, func(c *config.Config) { c.MemberCacheTTL = 10 * time.Minute })
 	const hellos, idBytes = 200, 60_000
 	heap := func() uint64 {
@@ -136,6 +139,7 @@ func TestHelloWithHugeMeshIDKeepsNothing(t *testing.T) {
 // RATE_LIMIT_IDLE, taken before anything is validated, so a flood of
 // distinct cwds, each as long as a body, must not be kept as it came.
 func TestHookFloodOfDistinctCwdsKeepsLittle(t *testing.T) {
+	// Not parallel: it reads the whole process's heap.
 	b := startTestBroker(t)
 	const requests, cwdBytes = 200, 60_000
 	heap := func() uint64 {
@@ -163,6 +167,7 @@ func TestHookFloodOfDistinctCwdsKeepsLittle(t *testing.T) {
 // web app) resumes nothing; a forged X-Member-Id rides no other member's
 // live session; a topic id of another mesh does not resolve.
 func TestAttacksThatHold(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 
@@ -209,6 +214,7 @@ func TestAttacksThatHold(t *testing.T) {
 // without the header must not be taken for whichever member happens to
 // have a session at that address (here the admin, so it could promote).
 func TestMemberPatchWithoutMemberIDNeedsProof(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	b.connect(f.a, client.Options{}) // the admin's daemon on this address

@@ -13,6 +13,7 @@ import (
 // audit_verify checks the chain and finds a tampered row; payloads carry
 // metadata only.
 func TestAuditOverSocket(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})

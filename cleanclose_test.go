@@ -22,6 +22,7 @@ func withCleanClose(lease, clean time.Duration) func(*config.Config) {
 // 1000. One peer_left, well inside the 30 s lease; gone from list_peers;
 // the DM sent to the member key meanwhile reaches the member's next socket.
 func TestCleanCloseEndsMemberLease(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withCleanClose(30*time.Second, 100*time.Millisecond))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
@@ -78,6 +79,7 @@ func TestCleanCloseEndsMemberLease(t *testing.T) {
 // CLEAN_CLOSE_LEASE_MS=0 ends the presence at once; a socket cut without a
 // close frame (a drop) still keeps its full silent lease and reattaches.
 func TestDroppedSocketKeepsFullLease(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withCleanClose(30*time.Second, 0))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
@@ -105,6 +107,7 @@ func TestDroppedSocketKeepsFullLease(t *testing.T) {
 // normally and opens a session_hello with the same session key. That
 // reattaches silently even with a zero clean-close grace.
 func TestCleanCloseSessionReattachesSilently(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withCleanClose(30*time.Second, 0))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})

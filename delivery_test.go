@@ -49,6 +49,7 @@ func drainDead(t *testing.T, c *client.Client) []string {
 // claims run out while it is frozen; its pushes were never confirmed by a
 // pong, so they must be pushed again, never marked delivered.
 func TestFrozenReaderGetsEveryAckedMessage(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) {
 		c.ClaimLease = 300 * time.Millisecond
 		c.ClaimReapInterval = 20 * time.Millisecond
@@ -132,6 +133,7 @@ func TestFrozenReaderGetsEveryAckedMessage(t *testing.T) {
 // soon as a pong confirms it, long before its claim runs out and while its
 // socket stays open, so a crash cannot replay it.
 func TestPongConfirmsPushDurably(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t) // ClaimLease 30 s
 	m := b.msgFixture()
 	ack := dm(t, m.a1, m.sa1, m.sb1, "now", "confirm me")
@@ -147,6 +149,7 @@ func TestPongConfirmsPushDurably(t *testing.T) {
 // A push written to a client that never answers pings is never marked
 // delivered by the pong path, and its next socket gets it.
 func TestUnconfirmedPushReleasedOnClose(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	sa, sb := client.NewSession(), client.NewSession()
@@ -170,6 +173,7 @@ func TestUnconfirmedPushReleasedOnClose(t *testing.T) {
 // pings, so after a restart nothing is lost, nothing is pushed twice and
 // no committed send went unacked.
 func TestShutdownUnderLoadAcksAndConfirms(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.ShutdownConfirm = 5 * time.Second })
 	f := b.fixture()
 	sa, sb := client.NewSession(), client.NewSession()

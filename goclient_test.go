@@ -211,6 +211,7 @@ func waitAck[T any](t *testing.T, ch chan T, what string) T {
 // member key), decodes the sender and acks it; multicast bodies come back
 // decoded from base64; system pushes are skipped.
 func TestGoClientReceive(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	sa, sb := client.NewSession(), client.NewSession()
@@ -266,6 +267,7 @@ func TestGoClientReceive(t *testing.T) {
 // The fan-out rule the package documents: a DM to a member key is one
 // row, taken by exactly one of that member's connections.
 func TestGoClientMemberKeyReachesOneSession(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
@@ -307,6 +309,7 @@ func TestGoClientMemberKeyReachesOneSession(t *testing.T) {
 // by the pong that confirms them (M3), so bob acks a first message by hand
 // to become a connection that acks; only then does an unacked row show.
 func TestGoClientManualAck(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
@@ -349,6 +352,7 @@ func TestGoClientManualAck(t *testing.T) {
 // A refused send is an error the caller can inspect, and the ack still
 // comes back for callers that read ack.Error.
 func TestGoClientSendRejected(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
@@ -382,6 +386,7 @@ func TestGoClientSendRejected(t *testing.T) {
 
 // A refused hello names its code once.
 func TestGoClientHandshakeErrorText(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	_, err := b.tryConnect(f.a, clienttest.Mutate(client.Options{}, func(m map[string]any) { m["memberId"] = "other" }))
@@ -401,6 +406,7 @@ func TestGoClientHandshakeErrorText(t *testing.T) {
 // outage arrives on the same Client. Writes in between say
 // ErrNotConnected.
 func TestGoClientReconnectResumesLease(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(20*time.Second))
 	f := b.fixture()
 	p := newProxy(t, b)
@@ -475,6 +481,7 @@ func TestGoClientReconnectResumesLease(t *testing.T) {
 // A request waiting when the socket goes fails with ErrConnectionLost;
 // after the reconnect the same call works.
 func TestGoClientReconnectFailsPending(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(20*time.Second))
 	f := b.fixture()
 	p := newProxy(t, b)
@@ -500,6 +507,7 @@ func TestGoClientReconnectFailsPending(t *testing.T) {
 // A terminal close (kicked) ends a reconnecting client instead of
 // bringing it back; so does Close while it is redialling.
 func TestGoClientReconnectStops(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(20*time.Second))
 	f := b.fixture()
 	p := newProxy(t, b)
@@ -543,6 +551,7 @@ func TestGoClientReconnectStops(t *testing.T) {
 // The package example's flow, end to end: a session connects, DMs a
 // member, the member reads it and replies to the sender key.
 func TestGoClientExampleFlow(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	sess := client.NewSession()
@@ -563,6 +572,7 @@ func TestGoClientExampleFlow(t *testing.T) {
 // A member connection (plain hello) resumes by member key and sessionId
 // once the broker has seen its old socket close.
 func TestGoClientReconnectMemberHello(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(20*time.Second))
 	f := b.fixture()
 	p := newProxy(t, b)
@@ -594,6 +604,7 @@ func TestGoClientReconnectMemberHello(t *testing.T) {
 // the stale token is ignored, the hello is judged on its own, and the
 // client carries on as a new presence.
 func TestGoClientReconnectAfterLeaseExpiry(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(200*time.Millisecond))
 	f := b.fixture()
 	p := newProxy(t, b)
@@ -628,6 +639,7 @@ func TestGoClientReconnectAfterLeaseExpiry(t *testing.T) {
 // member key its hello proved) takes that lease over, for a member hello
 // as for a session: same presence, nothing at the observer.
 func TestGoClientReconnectTakesOverHalfOpenLease(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(20*time.Second))
 	f := b.fixture()
 	p := newProxy(t, b)

@@ -24,6 +24,7 @@ import (
 
 // 01 §14 scenario 1: a fresh member hello.
 func TestFreshMemberHello(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{SessionID: "bob-1"})
@@ -62,6 +63,7 @@ func TestFreshMemberHello(t *testing.T) {
 
 // H5: hello_ack is the first frame, even when queued messages wait.
 func TestHelloAckBeforeAnyPush(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(30*time.Second)) // the 2 s default ran out during the five sends on a busy machine
 	f := b.fixture()
 	sess := client.NewSession()
@@ -133,6 +135,7 @@ func rejected(t *testing.T, b *testBroker, id client.Identity, opts client.Optio
 
 // 01 §2.3 and §14 scenarios 2-4: every member-hello rejection row.
 func TestMemberHelloRejections(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	_, other, _ := ed25519.GenerateKey(nil)
@@ -189,6 +192,7 @@ func TestMemberHelloRejections(t *testing.T) {
 
 // 01 §3.3 and §14 scenarios 6-7: session hellos.
 func TestSessionHello(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	daemon := b.connect(f.a, client.Options{SessionID: "daemon-1"})
@@ -214,6 +218,7 @@ func TestSessionHello(t *testing.T) {
 }
 
 func TestSessionHelloRejections(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	sess := client.NewSession()
@@ -266,6 +271,7 @@ func TestSessionHelloRejections(t *testing.T) {
 // 01 §14 scenario 5 and H2: capacity counts offline leases, never blocks a
 // reattach of one's own lease.
 func TestCapacity(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.MaxConnectionsPerMesh = 1 })
 	f := b.fixture()
 	sess := client.NewSession()
@@ -281,6 +287,7 @@ func TestCapacity(t *testing.T) {
 
 // 01 §14 scenario 8 and H8: frames before and after hello.
 func TestFramesBeforeAndAfterHello(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	ws, err := client.Dial(ctxT(t), b.url(), nil)
@@ -336,6 +343,7 @@ func TestFramesBeforeAndAfterHello(t *testing.T) {
 // 01 §14 scenario 14 and H3: session-id dedup replaces the member's own
 // socket only.
 func TestSessionIDDedup(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{SessionID: "s1"})
@@ -375,6 +383,7 @@ func TestSessionIDDedup(t *testing.T) {
 
 // 01 §14 scenario 16: peer_state restore on the next member hello.
 func TestPeerStateRestore(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.LeaseTTL = 100 * time.Millisecond })
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
@@ -410,6 +419,7 @@ func TestPeerStateRestore(t *testing.T) {
 
 // 01 §14 scenario 19: only exactly /ws upgrades.
 func TestUpgradeOnlyOnExactPath(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	for _, path := range []string{"/ws?x=1", "/other", "/ws/"} {
 		conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", b.Port()))
@@ -434,6 +444,7 @@ func TestUpgradeOnlyOnExactPath(t *testing.T) {
 // A burst of sockets that never say hello is closed at the hello timeout
 // and leaves no goroutines behind.
 func TestHelloTimeoutBurst(t *testing.T) {
+	// Not parallel: it counts the whole process's goroutines.
 	b := startTestBroker(t, func(c *config.Config) { c.HelloTimeout = 150 * time.Millisecond })
 	base := runtime.NumGoroutine()
 	var socks []*websocket.Conn
@@ -462,6 +473,7 @@ func TestHelloTimeoutBurst(t *testing.T) {
 
 // Oversized frames close the socket with 1009 and store nothing.
 func TestOversizeFrame(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.MaxMessageBytes = 4096 })
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})
@@ -480,6 +492,7 @@ func TestOversizeFrame(t *testing.T) {
 // 01 §14 scenario 18 with S2: shutdown keeps the rows as leases, closes
 // sockets with 1001, sends no peer_left, and leaves no goroutine behind.
 func TestShutdown(t *testing.T) {
+	// Not parallel: it counts the whole process's goroutines.
 	base := runtime.NumGoroutine()
 	b := startTestBroker(t)
 	f := b.fixture()
@@ -539,6 +552,7 @@ var _ = context.Background
 // Bad input of every kind before and at hello: always the documented
 // error, never a panic, a leaked goroutine or a row.
 func TestBadHelloFlood(t *testing.T) {
+	// Not parallel: it counts the whole process's goroutines.
 	b := startTestBroker(t)
 	f := b.fixture()
 	base := runtime.NumGoroutine()
@@ -585,6 +599,7 @@ func TestBadHelloFlood(t *testing.T) {
 // pong every 50 ms. Renewing the read deadline for those pongs used to
 // hold the socket open indefinitely.
 func TestClosedSocketEndsDespiteTraffic(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.HelloTimeout = 150 * time.Millisecond })
 	ws, err := client.Dial(ctxT(t), b.url(), nil)
 	if err != nil {

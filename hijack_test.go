@@ -15,6 +15,7 @@ import (
 // label. Claiming another member's session key as that label must neither
 // be admitted nor yield a resume token that takes the victim's lease.
 func TestMemberHelloCannotResumeAnotherMembersSession(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 	carol := b.connect(f.c, client.Options{})
@@ -59,6 +60,7 @@ func TestMemberHelloCannotResumeAnotherMembersSession(t *testing.T) {
 // presence. Presented by any other key it is ignored: the hello is judged
 // on its own signature, as a fresh hello.
 func TestResumeTokenBoundToProvenKey(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 	sess := client.NewSession()
@@ -124,6 +126,7 @@ func TestResumeTokenBoundToProvenKey(t *testing.T) {
 // Issue 13 item 1: a push's senderPubkey is a key its sender proved or a
 // label of the sender's own member, never another member's session key.
 func TestPushSenderCannotBeAnotherMembersSessionKey(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(200*time.Millisecond))
 	f := b.fixture()
 	carol := b.connect(f.c, client.Options{})
@@ -159,6 +162,7 @@ func TestPushSenderCannotBeAnotherMembersSessionKey(t *testing.T) {
 // A member hello holding a label it had first is closed when the key's
 // holder proves it with a session hello: proof wins over a label.
 func TestSessionHelloEvictsForeignLabel(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 	sess := client.NewSession()
@@ -181,6 +185,7 @@ func TestSessionHelloEvictsForeignLabel(t *testing.T) {
 // H10, issue 13 item 7: the same signed hello replayed on a second socket
 // inside the skew window is refused and leaves the first socket alone.
 func TestReplayedHelloRefused(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	sess := client.NewSession()

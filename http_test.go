@@ -35,6 +35,7 @@ func httpDo(t *testing.T, method, url, body string) (int, http.Header, string) {
 
 // 03 §12 scenarios 1, 3 and issue 2's HTTP list.
 func TestHTTPRoutes(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.GitSHA = "abc1234" })
 	code, hdr, body := httpDo(t, "GET", b.httpURL("/health"), "")
 	var h map[string]any
@@ -73,6 +74,7 @@ func TestHTTPRoutes(t *testing.T) {
 // 03 §12 scenario 4: every reference metric is exposed after a short
 // scripted session, plus ours.
 func TestMetrics(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})
@@ -121,6 +123,7 @@ func grepLines(body, pattern string) string {
 // 200 when it returns; /health stays 200 with db down. Postgres only: an
 // embedded SQLite file cannot go away under a running process.
 func TestReadinessFollowsDatabase(t *testing.T) {
+	t.Parallel()
 	if os.Getenv(modelstest.EnvDatabaseURL) == "" {
 		t.Skip("needs TEST_DATABASE_URL: the embedded database cannot become unreachable")
 	}
@@ -154,6 +157,7 @@ func TestReadinessFollowsDatabase(t *testing.T) {
 
 // Provisioning commands, including bad input that changes nothing.
 func TestProvisioningCommands(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	env := map[string]string{"DATA_DIR": dir}
 	if u := os.Getenv(modelstest.EnvDatabaseURL); u != "" {
@@ -212,6 +216,7 @@ func TestProvisioningCommands(t *testing.T) {
 // The demo identities connect to a broker on the same storage, as a user
 // following the README would.
 func TestDemoIdentitiesConnect(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	var out bytes.Buffer
 	env := map[string]string{"DATA_DIR": b.cfg.DataDir, "DATABASE_URL": b.cfg.DatabaseURL}

@@ -33,6 +33,7 @@ func brokerSocketGoroutines() (readers, writers, httpConns int) {
 // written what was queued (here a DM, its confirmation ping and the join
 // announcements), so idle memory stays a reader's stack and a few structs.
 func TestIdleSocketHoldsOnlyItsReader(t *testing.T) {
+	// Not parallel: it counts every socket goroutine in the process.
 	b := startTestBroker(t)
 	f := b.fixture()
 	const n = 20

@@ -157,6 +157,7 @@ func newMeshFromCLI(t *testing.T, b *testBroker) services.Identity {
 // key, a hello as the new member, a repeat that spends nothing, list and
 // revoke.
 func TestInviteV1JoinThenHello(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	owner := newMeshFromCLI(t, b)
 	inv := b.invite(owner.MeshID, "--max-uses", "2", "--expires", "1h", "--broker-url", b.url())
@@ -241,6 +242,7 @@ func TestInviteV1JoinThenHello(t *testing.T) {
 
 // Every bad v1 input is a 4xx with a JSON error and creates nothing.
 func TestInviteV1Refusals(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	owner := newMeshFromCLI(t, b)
 	inv := b.invite(owner.MeshID, "--broker-url", b.url())
@@ -350,6 +352,7 @@ func TestInviteV1Refusals(t *testing.T) {
 // member waits unbound (and unlisted) until its first signed hello binds
 // an ed25519 key, and every bad claim is a clear 4xx.
 func TestInviteV2ClaimBindsOnFirstHello(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	owner := newMeshFromCLI(t, b)
 	inv := b.invite(owner.MeshID, "--max-uses", "3", "--role", "admin", "--broker-url", b.url())
@@ -466,6 +469,7 @@ func TestInviteV2ClaimBindsOnFirstHello(t *testing.T) {
 // Two first hellos racing for one claimed member: one key binds, the
 // other hello is refused, and the member keeps the winner's key.
 func TestInviteV2BindRace(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	owner := newMeshFromCLI(t, b)
 	for round := 0; round < 3; round++ {
@@ -507,6 +511,7 @@ func TestInviteV2BindRace(t *testing.T) {
 // exactly one wins, the others get invite_exhausted / exhausted, and one
 // member is created.
 func TestInviteLastUseRace(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	owner := newMeshFromCLI(t, b)
 	for round := 0; round < 3; round++ {

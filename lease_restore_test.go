@@ -44,6 +44,7 @@ func withStorage(t *testing.T, b *testBroker, fn func(db *models.DB)) {
 // members), and the presentation set after the hello came from the batched
 // lease rewrite.
 func TestRestoredLeasesListedAsBefore(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(20*time.Second))
 	f := b.fixture()
 	sess := client.NewSession()
@@ -113,6 +114,7 @@ func TestRestoredLeasesListedAsBefore(t *testing.T) {
 // A member revoked while no broker ran: its restored lease is refused at
 // reattach (4002) and ends at once, announced with exactly one peer_left.
 func TestRestoredLeaseOfRevokedMember(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(20*time.Second))
 	f := b.fixture()
 	sess := client.NewSession()
@@ -158,6 +160,7 @@ func TestRestoredLeaseOfRevokedMember(t *testing.T) {
 // meshbroker_lease rows: nothing is restored, and those peers' hellos are
 // fresh ones.
 func TestReferenceDatabaseRestoresNothing(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	c := b.connect(f.a, client.Options{SessionID: "ref-daemon"})
@@ -180,6 +183,7 @@ func TestReferenceDatabaseRestoresNothing(t *testing.T) {
 // A lease row follows its presence: inserted with it, rewritten as it
 // enters grace and comes back, deleted when it is evicted.
 func TestLeaseRowFollowsPresence(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(2*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})

@@ -47,6 +47,7 @@ func (b *testBroker) presenceRow(id string) (disconnected *time.Time, lastPing t
 // a close frame comes back inside the lease; nobody sees it leave or join,
 // and the DM sent during the gap arrives once, after the ack.
 func TestSilentReattachSession(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
@@ -113,6 +114,7 @@ func TestSilentReattachSession(t *testing.T) {
 // Scenario 11: member hello reattach by session id and member key; another
 // session id is a fresh presence and the old lease later leaves.
 func TestSilentReattachMember(t *testing.T) {
+	t.Parallel()
 	// The reconnect must land inside the lease: 300 ms was less than a
 	// hello took on a busy machine, so the lease is 3 s.
 	b := startTestBroker(t, withLease(3*time.Second))
@@ -144,6 +146,7 @@ func TestSilentReattachMember(t *testing.T) {
 // peer_left to other members, none to the member's own sockets, full
 // cleanup; a later hello is a new presence with one join.
 func TestLeaseExpiresOnce(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(150*time.Millisecond))
 	f := b.fixture()
 	var cleanups atomic.Int32
@@ -188,6 +191,7 @@ func TestLeaseExpiresOnce(t *testing.T) {
 // Scenario 12: the DB sweeper flips a stale row during grace; the reattach
 // clears it again.
 func TestSweeperAndRestorePresence(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second), func(c *config.Config) { c.StaleSweep = 20 * time.Millisecond })
 	f := b.fixture()
 	sess := client.NewSession()
@@ -205,6 +209,7 @@ func TestSweeperAndRestorePresence(t *testing.T) {
 // Scenario 15 and the design's third case: a client that stops answering
 // pings is terminated, enters grace, and can reattach.
 func TestStalledClientWatchdog(t *testing.T) {
+	t.Parallel()
 	// A healthy client has PongTimeout to answer: a second is ten times
 	// more than a pong takes on a busy machine under -race, and pings every
 	// 50 ms still give the stalled client twenty chances to answer.
@@ -245,6 +250,7 @@ func TestStalledClientWatchdog(t *testing.T) {
 // queued and delivered in order on reattach, even while the session's
 // status would hold next and low.
 func TestEveryPriorityDuringGrace(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(3*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
@@ -275,6 +281,7 @@ func TestEveryPriorityDuringGrace(t *testing.T) {
 // that is still online takes the lease over without a flap, and the old
 // socket's close is ignored.
 func TestTakeoverWhileOnline(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(150*time.Millisecond))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
@@ -300,6 +307,7 @@ func TestTakeoverWhileOnline(t *testing.T) {
 // Two sessions of one member, one in grace: the other keeps working and
 // DMs to the member key go to the live one.
 func TestTwoSessionsOneInGrace(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
@@ -320,6 +328,7 @@ func TestTwoSessionsOneInGrace(t *testing.T) {
 // Many sessions flapping at once leave no timers or goroutines behind and
 // every one of them reattaches.
 func TestManySessionsFlapping(t *testing.T) {
+	// Not parallel: it counts the whole process's goroutines.
 	b := startTestBroker(t, withLease(20*time.Second))
 	f := b.fixture()
 	base := runtime.NumGoroutine()
@@ -361,6 +370,7 @@ func TestManySessionsFlapping(t *testing.T) {
 // A reattach racing the eviction timer is either a silent reattach or a
 // clean leave-then-join: never both, never neither.
 func TestReattachRacingEviction(t *testing.T) {
+	t.Parallel()
 	const lease = 40 * time.Millisecond
 	b := startTestBroker(t, withLease(lease))
 	f := b.fixture()
@@ -395,6 +405,7 @@ func TestReattachRacingEviction(t *testing.T) {
 // attestation round trip; a forged or foreign one is ignored and the hello
 // is judged on its own.
 func TestResumeToken(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
@@ -451,6 +462,7 @@ func TestResumeToken(t *testing.T) {
 // is checked right after: it gets the rejection its hello would have got,
 // and the presence ends, announced once.
 func TestReattachOfRevokedMemberEnds(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
@@ -477,6 +489,7 @@ func TestReattachOfRevokedMemberEnds(t *testing.T) {
 // Sessions of one member closing at once each add their stats to the
 // member's running totals in peer_state; none is lost to another's save.
 func TestPeerStateStatsAddUpAcrossSessions(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(time.Hour))
 	f := b.fixture()
 	const n = 8
@@ -513,6 +526,7 @@ func TestPeerStateStatsAddUpAcrossSessions(t *testing.T) {
 // A member deleted and created again under the same key while its session
 // was away is another member: the reattach is ended as unauthorized.
 func TestReattachOfRecreatedMemberEnds(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 	sess, pid := b.graceSession(f.b)

@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/ed25519"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"log/slog"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,6 +29,31 @@ import (
 // a fresh Postgres database, and talk to it with the client package over
 // real sockets with real keys. Durations are shrunk through config, so no
 // test sleeps for seconds.
+
+// TestMain raises the default of -test.parallel. The end-to-end tests spend
+// most of their time waiting on sockets, timers and fsync, not on the CPU,
+// so the default (GOMAXPROCS, 2 on the CI machine) leaves the cores idle.
+// Every test that owns its broker and database calls t.Parallel; the few
+// that count the process's goroutines or memory do not, and so run alone
+// (the testing package runs every sequential top-level test before it
+// releases the parallel ones). An explicit -test.parallel wins.
+func TestMain(m *testing.M) {
+	flag.Parse()
+	explicit := false
+	flag.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "test.parallel" })
+	if !explicit {
+		if err := flag.Set("test.parallel", strconv.Itoa(testParallelism())); err != nil {
+			fmt.Fprintln(os.Stderr, "set -test.parallel:", err)
+			os.Exit(2)
+		}
+	}
+	os.Exit(m.Run())
+}
+
+// testParallelism is how many end-to-end tests run at once by default.
+// Postgres bounds it too: each broker may open up to its pool's connections
+// (test brokers use a small pool) against the server's max_connections.
+func testParallelism() int { return 4 * runtime.GOMAXPROCS(0) }
 
 type testBroker struct {
 	*broker
@@ -53,9 +80,11 @@ func localConfig(tb testing.TB) config.Config {
 	tb.Helper()
 	cfg := config.Default()
 	cfg.Host, cfg.Port = "127.0.0.1", 0
-	cfg.DataDir = tb.TempDir()
 	if os.Getenv(modelstest.EnvDatabaseURL) != "" {
+		cfg.DataDir = tb.TempDir()
 		cfg.DatabaseURL = modelstest.FreshPostgresURL(tb)
+	} else {
+		cfg.DataDir = modelstest.SeededDataDir(tb)
 	}
 	cfg.SendRatePerMin = 0
 	return cfg

@@ -30,6 +30,7 @@ func request(t *testing.T, c *client.Client, frame map[string]any) client.Frame 
 }
 
 func TestMeshInfoAndBans(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{DisplayName: "alice-s", Groups: []protocol.Group{{Name: "ops", Role: "lead"}}})
@@ -57,6 +58,7 @@ func TestMeshInfoAndBans(t *testing.T) {
 }
 
 func TestTopicMembersHistoryAndRead(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
@@ -146,6 +148,7 @@ func TestTopicMembersHistoryAndRead(t *testing.T) {
 }
 
 func TestMemberRoutes(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	list := "/mesh/" + f.meshID + "/members"
@@ -268,6 +271,7 @@ func TestMemberRoutes(t *testing.T) {
 
 // With MEMBER_API_SESSION_AUTH=false only signed calls are members.
 func TestMemberRoutesSignedOnly(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.MemberAPISessionAuth = false })
 	f := b.fixture()
 	b.connect(f.b, client.Options{})
@@ -283,6 +287,7 @@ func TestMemberRoutesSignedOnly(t *testing.T) {
 // A peer whose socket dropped is marked in grace and listed after the
 // live ones, so a client resolving a name picks the live socket.
 func TestListPeersMarksGrace(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.LeaseTTL = 30 * time.Second })
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
@@ -305,6 +310,7 @@ func TestListPeersMarksGrace(t *testing.T) {
 // Behind a proxy (CLIENT_IP_HEADER) the live-session proof compares the
 // addresses the proxy reports, not the proxy's own.
 func TestMemberRoutesClientIPHeader(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.ClientIPHeader = "X-Client-Ip" })
 	f := b.fixture()
 	b.connect(f.b, client.Options{Header: http.Header{"X-Client-Ip": {"203.0.113.7"}}})
@@ -326,6 +332,7 @@ func TestMemberRoutesClientIPHeader(t *testing.T) {
 // mesh_info counts the toolbox's memories and tasks once they exist: a
 // forgotten memory is not counted, tasks are counted by status.
 func TestMeshInfoCountsToolbox(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})

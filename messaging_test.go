@@ -74,6 +74,7 @@ func (b *testBroker) countRows(meshID string) int64 {
 // 02 §12 scenarios 1-3: accept, ack, deliver exactly to the target, close by
 // client_ack; a foreign ack changes nothing.
 func TestDirectMessageLifecycle(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	// b1 acks, so its rows wait for client_ack instead of being closed by
@@ -125,6 +126,7 @@ func TestDirectMessageLifecycle(t *testing.T) {
 // 02 §12 scenario 4 [GO-D4]: a client that never acks and stays connected
 // never sees a message twice; the row is marked delivered at lease expiry.
 func TestNonAckingClientExactlyOnce(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) {
 		c.ClaimLease = 200 * time.Millisecond
 		c.ClaimReapInterval = 20 * time.Millisecond
@@ -146,6 +148,7 @@ func TestNonAckingClientExactlyOnce(t *testing.T) {
 // M3: a client that acks gets every message until it acks it, also on its
 // next connection.
 func TestAckingClientRedeliveredOnNextConnection(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	_ = m.b1.ClientAck("", "warm-up") // marks b1 as a client that acks
@@ -164,6 +167,7 @@ func TestAckingClientRedeliveredOnNextConnection(t *testing.T) {
 // 02 §12 scenario 5: 50 DMs to B's member key reach B's connections exactly
 // once in total.
 func TestMemberTargetManyConnections(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	var wg sync.WaitGroup
@@ -229,6 +233,7 @@ func postHook(t *testing.T, b *testBroker, body string) (int, map[string]any) {
 // 02 §12 scenario 7: working holds next, now passes, idle releases; dnd is
 // sticky against hooks.
 func TestPriorityGate(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	if code, out := postHook(t, b, `{"cwd":"/b1","status":"working"}`); code != 200 || out["presence_id"] != m.b1.HelloAck.PresenceID {
@@ -263,6 +268,7 @@ func TestPriorityGate(t *testing.T) {
 // 02 §12 scenario 8: broadcast reaches every other member's visible
 // connection once, never the sender's member, ignoring status.
 func TestBroadcast(t *testing.T) {
+	t.Parallel()
 	for _, target := range []string{"*", "@all"} {
 		t.Run(target, func(t *testing.T) {
 			b := startTestBroker(t)
@@ -301,6 +307,7 @@ func TestBroadcast(t *testing.T) {
 
 // 02 §12 scenario 9: groups match exactly.
 func TestGroupExactMatch(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	_ = m.b1.WriteJSON(map[string]any{"type": "join_group", "name": "eng"})
@@ -330,6 +337,7 @@ func TestGroupExactMatch(t *testing.T) {
 // 02 §12 scenarios 10, 19 and bad input: rejections store nothing and keep
 // the socket open.
 func TestSendRejections(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	other := b.fixture() // a mesh the sender is not in
@@ -376,6 +384,7 @@ func TestSendRejections(t *testing.T) {
 
 // 02 §12 scenario 11: the per-member token bucket.
 func TestSendRateLimit(t *testing.T) {
+	t.Parallel()
 	// 6/min: a token every 10 s of the broker's clock, so the real time a
 	// busy machine takes to connect the sibling below refills nothing.
 	b := startTestBroker(t, func(c *config.Config) { c.SendRatePerMin, c.SendRateBurst = 6, 10 })
@@ -418,6 +427,7 @@ func TestSendRateLimit(t *testing.T) {
 
 // 02 §12 scenario 12: peer grants.
 func TestGrants(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	b.exec("UPDATE {member} SET peer_grants = ? WHERE id = ?", fmt.Sprintf(`{%q:["read"]}`, m.a.Pubkey()), m.b.MemberID)
@@ -440,6 +450,7 @@ func TestGrants(t *testing.T) {
 // 02 §12 scenario 15 [GO]: a retried send with the same client_message_id
 // is stored once and acked with the same messageId.
 func TestIdempotentRetry(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	req := client.SendRequest{ID: "K", ClientMessageID: "K", RequestFingerprint: strings.Repeat("f", 64), TargetSpec: m.b.Pubkey(), Priority: "now", Nonce: "", Ciphertext: "x"}
@@ -472,6 +483,7 @@ func TestIdempotentRetry(t *testing.T) {
 
 // 02 §12 scenario 16: message_status.
 func TestMessageStatus(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	ack := dm(t, m.a1, m.sa1, m.sb1, "now", "x")
@@ -505,6 +517,7 @@ func TestMessageStatus(t *testing.T) {
 
 // 02 §12 scenario 17 [GO]: topics with live multicast.
 func TestTopics(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	f, err := m.a1.Request(ctxT(t), map[string]any{"type": "topic_create", "name": "ops"})
@@ -564,6 +577,7 @@ func TestTopics(t *testing.T) {
 
 // An acked message survives a broker restart between ack and drain (M2).
 func TestAckedMessageSurvivesRestart(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	m.b1.Kill() // b1 in grace: the DM is stored, not claimed
@@ -584,6 +598,7 @@ func TestAckedMessageSurvivesRestart(t *testing.T) {
 // 02 §12 scenario 20 [GO]: no duplicates under concurrent mixed load with
 // acking recipients.
 func TestNoDuplicatesUnderLoad(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	type peer struct {
@@ -662,6 +677,7 @@ func TestNoDuplicatesUnderLoad(t *testing.T) {
 // A client that acks and had a push in flight when the broker stopped gets
 // it from the next broker at once, not after the claim lease.
 func TestInflightReleasedAtShutdown(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	_ = m.b1.ClientAck("", "warm-up")

@@ -90,6 +90,7 @@ func startLoggedBroker(t *testing.T, level string, opts ...func(*config.Config))
 // /health/ready names the database state, and /health's gitSha is the
 // start line's, set or not.
 func TestHealthBodiesAndStartLineAgree(t *testing.T) {
+	t.Parallel()
 	for _, sha := range []string{"", "abc1234"} {
 		t.Run("GIT_SHA="+sha, func(t *testing.T) {
 			b, logs := startLoggedBroker(t, "info", func(c *config.Config) { c.GitSHA = sha })
@@ -126,6 +127,7 @@ func TestHealthBodiesAndStartLineAgree(t *testing.T) {
 
 // A plain GET /ws is 426 with a JSON hint; other targets stay 404.
 func TestPlainGetOnWSIs426(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	code, hdr, body := httpDo(t, "GET", b.httpURL("/ws"), "")
 	var e map[string]string
@@ -141,6 +143,7 @@ func TestPlainGetOnWSIs426(t *testing.T) {
 // healthcheck probes BROKER_HOST when it is a specific address, and
 // loopback for the wildcard.
 func TestHealthcheckProbesBrokerHost(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.Host = "127.0.0.2" })
 	port := strconv.Itoa(b.Port())
 	hc := func(env map[string]string) (int, string) {
@@ -164,6 +167,7 @@ func TestHealthcheckProbesBrokerHost(t *testing.T) {
 
 // pprof is served on the admin listener only, never on the public port.
 func TestPprofOnlyOnAdminListener(t *testing.T) {
+	t.Parallel()
 	off := startTestBroker(t)
 	if off.AdminAddr() != "" {
 		t.Fatalf("admin listener without ADMIN_ADDR: %s", off.AdminAddr())
@@ -203,6 +207,7 @@ func metricValue(t *testing.T, b *testBroker, sample string) float64 {
 // The operator's metrics move with a scripted session: hello, a DM pushed
 // and acked, a close.
 func TestOperatorMetricsMove(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.GitSHA = "feedbee" })
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})
@@ -249,6 +254,7 @@ func TestOperatorMetricsMove(t *testing.T) {
 // end names its remote address and close code, and a hook request logs no
 // cwd at info.
 func TestOperatorLogLines(t *testing.T) {
+	t.Parallel()
 	b, logs := startLoggedBroker(t, "info")
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})
@@ -273,6 +279,7 @@ func TestOperatorLogLines(t *testing.T) {
 // A Postgres that is not listening yet: start retries with backoff, logs
 // every attempt and gives up after DB_START_TIMEOUT_MS with a clear error.
 func TestDatabaseNotUpGivesUpAfterTimeout(t *testing.T) {
+	t.Parallel()
 	port := freePort(t)
 	var out, errb lockedBuffer
 	env := map[string]string{
@@ -310,6 +317,7 @@ func TestDatabaseNotUpGivesUpAfterTimeout(t *testing.T) {
 // up once it answers. The late listener is a TCP relay to the test server,
 // opened after the first failed attempt.
 func TestDatabaseComingUpLateIsWaitedFor(t *testing.T) {
+	t.Parallel()
 	real := os.Getenv(modelstest.EnvDatabaseURL)
 	if real == "" {
 		t.Skip("needs TEST_DATABASE_URL: a server to come up")
@@ -392,6 +400,7 @@ func relay(ln net.Listener, addr string) {
 
 // EXPECTED_MIGRATION's help lists the version this build records.
 func TestExpectedMigrationHelpNamesSchemaVersion(t *testing.T) {
+	t.Parallel()
 	if config.KnownSchemaVersions != models.SchemaVersion || !strings.Contains(config.Usage(), models.SchemaVersion) {
 		t.Fatalf("EXPECTED_MIGRATION help says %q, the schema is %q", config.KnownSchemaVersions, models.SchemaVersion)
 	}
@@ -400,6 +409,7 @@ func TestExpectedMigrationHelpNamesSchemaVersion(t *testing.T) {
 // A socket whose peer goes quiet past the pong timeout is logged once, as
 // "ws stale terminate", with each key once (it had presence_id twice).
 func TestStaleTerminateLogLine(t *testing.T) {
+	t.Parallel()
 	// The heartbeat is far off, so the read deadline ends the socket
 	// before the watchdog looks at it.
 	b, logs := startLoggedBroker(t, "info", func(c *config.Config) { c.PingInterval, c.PongTimeout = 10*time.Second, 200*time.Millisecond })

@@ -21,6 +21,7 @@ import (
 // keygen, mesh list, member list, uppercase keys and re-adding a revoked
 // key, through the same run() the binary uses.
 func TestProvisioningListsKeygenAndReAdd(t *testing.T) {
+	t.Parallel()
 	env := map[string]string{"DATA_DIR": t.TempDir()}
 	if os.Getenv(modelstest.EnvDatabaseURL) != "" {
 		env["DATABASE_URL"] = modelstest.FreshPostgresURL(t)

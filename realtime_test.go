@@ -386,6 +386,7 @@ var uuidV4 = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-
 // Nothing is cleaned up, nobody hears of it, and during the outage A's
 // frames are dropped, not replayed.
 func TestRealtimeReattachKeepsEverything(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 10*time.Second })
 	f := b.fixture()
 	target := rtServe(t, 200, "v1")
@@ -474,6 +475,7 @@ func TestRealtimeReattachKeepsEverything(t *testing.T) {
 // feature once, silently; A's persistent server waits offline and returns
 // with A's next member hello, not with a session hello.
 func TestRealtimeEvictionCleansUpOnce(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 300*time.Millisecond })
 	f := b.fixture()
 	target := rtServe(t, 200, "v1")
@@ -582,6 +584,7 @@ func TestRealtimeEvictionCleansUpOnce(t *testing.T) {
 // of the mesh is evicted (a presence in grace still counts), and stays
 // paused until resume_clock.
 func TestClockAutoPausesWhenMeshEmpties(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.LeaseTTL = time.Second }) // longer than a tick at speed 100
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{SessionID: "a1"})
@@ -629,6 +632,7 @@ func TestClockAutoPausesWhenMeshEmpties(t *testing.T) {
 // without grace; its watches, subscriptions and MCP entries are cleaned as
 // at eviction, and the calls it was hosting fail at once.
 func TestRealtimeCleanupOnKickAndDedup(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 10*time.Second })
 	f := b.fixture()
 	target := rtServe(t, 200, "v1")
@@ -697,6 +701,7 @@ func TestRealtimeCleanupOnKickAndDedup(t *testing.T) {
 
 // 04 §9 scenarios 20-24.
 func TestWatches(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate = true })
 	f := b.fixture()
 	sa, sa2 := client.NewSession(), client.NewSession()
@@ -837,6 +842,7 @@ func TestWatches(t *testing.T) {
 // https are watched. (A redirect to an internal address is refused by the
 // dialer; services' internal tests cover it, as no public server is at hand.)
 func TestWatchRefusesInternalTargets(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	target := rtServe(t, 200, "secret")
@@ -870,6 +876,7 @@ func TestWatchRefusesInternalTargets(t *testing.T) {
 
 // R2: watches per member are capped.
 func TestWatchCaps(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate = true })
 	f := b.fixture()
 	target := rtServe(t, 200, "x")
@@ -889,6 +896,7 @@ func TestWatchCaps(t *testing.T) {
 
 // 04 §9 scenarios 25-27.
 func TestStreams(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	sa1, sa2 := client.NewSession(), client.NewSession()
@@ -961,6 +969,7 @@ func TestStreams(t *testing.T) {
 
 // 04 §9 scenarios 28-30, and R3's name_taken.
 func TestMCPRegistry(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
@@ -1057,6 +1066,7 @@ func TestMCPRegistry(t *testing.T) {
 
 // 04 §9 scenarios 31-33.
 func TestClock(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})
@@ -1128,6 +1138,7 @@ func TestClock(t *testing.T) {
 
 // 04 §9 scenarios 7 and 34-36, with A3's metadata-only audit payload.
 func TestSharedState(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.LeaseTTL = 200 * time.Millisecond })
 	f := b.fixture()
 	sa1, sa2 := client.NewSession(), client.NewSession()
@@ -1232,6 +1243,7 @@ func TestSharedState(t *testing.T) {
 // Bad input for every message type of the extras: an error frame echoing
 // _reqId, nothing changed, the socket open.
 func TestRealtimeBadInput(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate = true })
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})
@@ -1297,6 +1309,7 @@ func TestRealtimeBadInput(t *testing.T) {
 // Close stops every timer and check the extras started: clocks, watches
 // and pending calls leave no goroutine behind.
 func TestRealtimeCloseLeavesNothingRunning(t *testing.T) {
+	// Not parallel: it counts the whole process's goroutines.
 	base := runtime.NumGoroutine()
 	slow := make(chan struct{})
 	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -1337,6 +1350,7 @@ func TestRealtimeCloseLeavesNothingRunning(t *testing.T) {
 // call to its server fails at once (R3); once A reattaches, everything is
 // there and works, and the clock continues from its tick.
 func TestRealtimeRestartKeepsEverything(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 10*time.Second })
 	f := b.fixture()
 	target := rtServe(t, 200, "v1")
@@ -1401,6 +1415,7 @@ func TestRealtimeRestartKeepsEverything(t *testing.T) {
 // and its persistent one waits offline, and the clock pauses once the mesh
 // is empty.
 func TestRealtimeRestoredLeaseEvictionCleansUp(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, time.Second })
 	f := b.fixture()
 	target := rtServe(t, 200, "v1")

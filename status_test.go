@@ -23,6 +23,7 @@ func (b *testBroker) status(presenceID string) (status, source string) {
 
 // 03 §12 scenarios 6-8, 10-12: the hook route's answers and effects.
 func TestHookSetStatus(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.PendingSweepInterval = 20 * time.Millisecond })
 	f := b.fixture()
 	code, out := postHook(t, b, `{"cwd":"/p1","pid":7,"status":"working"}`)
@@ -81,6 +82,7 @@ func TestHookSetStatus(t *testing.T) {
 // A hook for a cwd nobody has is parked, then swept after its 10 s TTL
 // (shrunk); a hello after that starts idle/jsonl.
 func TestPendingStatusExpires(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) {
 		c.PendingStatusTTL, c.PendingSweepInterval = 100*time.Millisecond, 20*time.Millisecond
 	})
@@ -99,6 +101,7 @@ func TestPendingStatusExpires(t *testing.T) {
 
 // 03 §12 scenarios 9 and 16: dnd survives hooks; only manual leaves it.
 func TestDNDSurvivesHook(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{Cwd: "/dnd"})
@@ -127,6 +130,7 @@ func TestDNDSurvivesHook(t *testing.T) {
 // 03 §12 scenario 17 and S3: the TTL sweeper flips a stuck `working` to
 // idle and releases held messages; dnd is untouched.
 func TestStatusTTLSweeper(t *testing.T) {
+	t.Parallel()
 	// The TTL runs on the broker's clock, which the test moves: a 200 ms TTL
 	// ran out on a busy machine before the held message was even sent. 20 s
 	// is ten times what this setup takes there, and moving the clock that far
@@ -162,6 +166,7 @@ func TestStatusTTLSweeper(t *testing.T) {
 
 // 03 §12 scenario 13: the hook rate limit, per (pid, cwd), then recovery.
 func TestHookRateLimit(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, func(c *config.Config) { c.HookRateLimitPerMin = 5 })
 	for i := range 5 {
 		if code, _ := postHook(t, b, `{"cwd":"/rate-test","pid":42,"status":"idle"}`); code != 200 {
@@ -188,6 +193,7 @@ func TestHookRateLimit(t *testing.T) {
 // 03 §6.7 and R1/H2: moderation is for owners and admins, runs the one
 // eviction path without peer_left, and keeps the capacity count right.
 func TestModeration(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withLease(5*time.Second))
 	f := b.fixture()
 	admin := b.connect(f.a, client.Options{})
@@ -267,6 +273,7 @@ func TestModeration(t *testing.T) {
 
 // 03 §12 scenarios 20-23: list_peers, set_visible, set_profile, set_summary.
 func TestPresenceMessages(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})

@@ -42,6 +42,7 @@ func myGroups(t *testing.T, c *client.Client) []string {
 // both dialects, and changes nothing: frames, the send path (a rejection
 // ack, never "not stored, retry"), both hellos and the hook route.
 func TestNULInTextIsInvalidArgument(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})
@@ -155,6 +156,7 @@ func (b *testBroker) refuseGroupsLike(marker string) {
 // list as it was, so later joins and leaves on that socket still work and
 // memory and row agree.
 func TestJoinGroupFailureLeavesGroupsUnchanged(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{})
@@ -191,6 +193,7 @@ func TestJoinGroupFailureLeavesGroupsUnchanged(t *testing.T) {
 // database refuses leaves the mirrored status as it was, so the hook
 // route (which never touches dnd) still applies afterwards.
 func TestStatusWriteFailureLeavesStatusUnchanged(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{Cwd: "/status-fail"})

@@ -98,6 +98,7 @@ func (b *testBroker) noSecretsAudited(meshID string, texts ...string) {
 }
 
 func TestToolboxMemory(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withToolbox(func(l *config.Toolbox) { l.MaxMemories = 3; l.MaxItemBytes = 1024 }))
 	f := b.fixture()
 	alice, bob := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{})
@@ -182,6 +183,7 @@ func TestToolboxMemory(t *testing.T) {
 }
 
 func TestRecallRanking(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
@@ -219,6 +221,7 @@ func TestRecallRanking(t *testing.T) {
 }
 
 func TestToolboxTasks(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withToolbox(func(l *config.Toolbox) { l.MaxTasks = 3 }))
 	f := b.fixture()
 	alice, bob := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{})
@@ -292,6 +295,7 @@ func TestToolboxTasks(t *testing.T) {
 
 // Two sockets claim each task at the same moment: exactly one wins.
 func TestTaskClaimRace(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice, bob := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{})
@@ -325,6 +329,7 @@ func TestTaskClaimRace(t *testing.T) {
 }
 
 func TestToolboxContexts(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice, bob := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{})
@@ -372,6 +377,7 @@ func TestToolboxContexts(t *testing.T) {
 }
 
 func TestToolboxSkills(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withToolbox(func(l *config.Toolbox) { l.MaxSkills = 2 }))
 	f := b.fixture()
 	alice, bob, carol := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{}), b.connect(f.c, client.Options{})
@@ -421,6 +427,7 @@ func TestToolboxSkills(t *testing.T) {
 }
 
 func TestToolboxVault(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withToolbox(func(l *config.Toolbox) { l.MaxVaultEntries = 2 }))
 	f := b.fixture()
 	alice, bob := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{})
@@ -486,6 +493,7 @@ func nextMessage(t *testing.T, c *client.Client) (pushEvent, string) {
 }
 
 func TestScheduleDelivers(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, fastScheduler)
 	f := b.fixture()
 	alice, bob, carol := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{}), b.connect(f.c, client.Options{})
@@ -582,6 +590,7 @@ func TestScheduleDelivers(t *testing.T) {
 
 // A DM scheduled to a member that is offline waits in the queue for it.
 func TestScheduledDMToOfflineMember(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, fastScheduler)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
@@ -596,6 +605,7 @@ func TestScheduledDMToOfflineMember(t *testing.T) {
 }
 
 func TestScheduleRefusals(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, withToolbox(func(l *config.Toolbox) { l.MaxSchedulesPerMember = 2; l.MaxItemBytes = 512 }),
 		func(c *config.Config) { c.MaxMessageBytes = 700 })
 	f := b.fixture()
@@ -638,6 +648,7 @@ func TestScheduleRefusals(t *testing.T) {
 // A cron schedule fires once per tick of a fake clock, and a fire long
 // past its time is flagged late.
 func TestCronFiresOnEachTick(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, fastScheduler)
 	f := b.fixture()
 	alice, bob := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{})
@@ -706,6 +717,7 @@ func jsonField(b *testBroker, col, field string) string {
 // Before a hello a toolbox frame is refused like any other; after it,
 // unknown fields are ignored and _reqId is echoed only when sent.
 func TestToolboxFrameShapes(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	ws, err := client.Dial(ctxT(t), b.url(), nil)
@@ -749,6 +761,7 @@ func TestToolboxFrameShapes(t *testing.T) {
 // The CLI's cold path writes claim_task, complete_task, share_context and
 // forget and closes the socket at once; each still takes effect.
 func TestFireAndForgetBeforeClose(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t)
 	f := b.fixture()
 	alice := b.connect(f.a, client.Options{})
@@ -775,6 +788,7 @@ func TestFireAndForgetBeforeClose(t *testing.T) {
 // Forgotten memories and finished schedules are deleted after PurgeAfter;
 // live ones stay and stay searchable.
 func TestToolboxPurge(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, fastScheduler)
 	f := b.fixture()
 	alice, bob := b.connect(f.a, client.Options{}), b.connect(f.b, client.Options{})
@@ -818,6 +832,7 @@ func TestToolboxPurge(t *testing.T) {
 
 // A schedule whose creator was revoked does not fire and is cancelled.
 func TestScheduleOfRevokedMember(t *testing.T) {
+	t.Parallel()
 	b := startTestBroker(t, fastScheduler)
 	f := b.fixture()
 	bob, carol := b.connect(f.b, client.Options{}), b.connect(f.c, client.Options{})
