@@ -215,7 +215,7 @@ func TestHookFloodBounded(t *testing.T) {
 	}
 	const pendingMax = 300
 	const perAddr = 100 // per minute: a burst of 100, then one more every 0.6 s
-	cb := startFloodBroker(t, "HOOK_CLIENT_IP_HEADER=X-Test-Client-IP", fmt.Sprintf("HOOK_PENDING_MAX=%d", pendingMax),
+	cb := startFloodBroker(t, "CLIENT_IP_HEADER=X-Test-Client-IP", fmt.Sprintf("HOOK_PENDING_MAX=%d", pendingMax),
 		fmt.Sprintf("HOOK_RATE_LIMIT_PER_ADDR_PER_MIN=%d", perAddr))
 	rotate := func(i int) string { return fmt.Sprintf("10.1.%d.%d", i/250%250, i%250+1) } // one request per address
 

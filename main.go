@@ -133,6 +133,9 @@ func startBroker(ctx context.Context, cfg config.Config, logger *slog.Logger) (*
 // startBrokerWithClock is startBroker with the services' clock injected
 // (tests move it forward to refill rate limits without sleeping).
 func startBrokerWithClock(ctx context.Context, cfg config.Config, logger *slog.Logger, now func() time.Time) (*broker, error) {
+	for _, w := range cfg.Warnings {
+		logger.Warn("config warning", "detail", w)
+	}
 	db, err := models.OpenRetrying(ctx, cfg.DatabaseURL, cfg.DataDir, logger, models.Options{SQLiteSynchronous: cfg.SQLiteSynchronous},
 		models.RetryPolicy{Timeout: cfg.DBStartTimeout, Min: cfg.DBRetryMin, Max: cfg.DBRetryMax})
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/textproto"
 	"strconv"
 	"strings"
 	"time"
@@ -24,21 +25,26 @@ type Config struct {
 	// Network.
 	Host string // BROKER_HOST, default 0.0.0.0
 	Port int    // BROKER_PORT, default 7900; 0 picks a free port (tests)
+	// ClientIPHeader (CLIENT_IP_HEADER, canonical form) names the header a
+	// trusted proxy sets to the client's address (Fly-Client-IP). It is the
+	// client address of every route that keys on one: the hook routes'
+	// per-address limit and the member routes' live-session proof. Empty:
+	// the TCP peer.
+	ClientIPHeader string
 
 	// Storage.
 	DatabaseURL string // DATABASE_URL; empty means embedded SQLite under DataDir
 	DataDir     string // DATA_DIR, default ./data
 
 	// Limits.
-	MaxConnectionsPerMesh int    // MAX_CONNECTIONS_PER_MESH, default 100
-	MaxMessageBytes       int    // MAX_MESSAGE_BYTES, default 65536: WS frame cap, send size cap, HTTP body cap
-	HookRateLimitPerMin   int    // HOOK_RATE_LIMIT_PER_MIN, default 30: hook bucket capacity and refill per minute
-	HookAddrRateLimit     int    // HOOK_RATE_LIMIT_PER_ADDR_PER_MIN, default 600: the same per remote address (IPv6: per /64), checked first
-	HookPendingMax        int    // HOOK_PENDING_MAX, default 1000: pending_status rows at most; more parked hooks are 429
-	HookClientIPHeader    string // HOOK_CLIENT_IP_HEADER: header naming the client address (behind a proxy that sets it); empty: the socket's peer
-	SendRateBurst         int    // SEND_RATE_BURST, default 10: send bucket capacity per member
-	SendRatePerMin        int    // SEND_RATE_LIMIT_PER_MIN, default 60; 0 disables the send limiter
-	OutboxFrames          int    // frames buffered per socket before it counts as a slow consumer, default 1024
+	MaxConnectionsPerMesh int // MAX_CONNECTIONS_PER_MESH, default 100
+	MaxMessageBytes       int // MAX_MESSAGE_BYTES, default 65536: WS frame cap, send size cap, HTTP body cap
+	HookRateLimitPerMin   int // HOOK_RATE_LIMIT_PER_MIN, default 30: hook bucket capacity and refill per minute
+	HookAddrRateLimit     int // HOOK_RATE_LIMIT_PER_ADDR_PER_MIN, default 600: the same per remote address (IPv6: per /64), checked first
+	HookPendingMax        int // HOOK_PENDING_MAX, default 1000: pending_status rows at most; more parked hooks are 429
+	SendRateBurst         int // SEND_RATE_BURST, default 10: send bucket capacity per member
+	SendRatePerMin        int // SEND_RATE_LIMIT_PER_MIN, default 60; 0 disables the send limiter
+	OutboxFrames          int // frames buffered per socket before it counts as a slow consumer, default 1024
 
 	// Status model (03 §2, §5).
 	StatusTTL            time.Duration // STATUS_TTL_SECONDS, default 60 s: stuck `working` flips to idle
@@ -101,11 +107,14 @@ type Config struct {
 	ResumeTokenKey    string // RESUME_TOKEN_KEY: 64 hex (ed25519 seed); empty means generated and persisted
 
 	// Member HTTP routes.
-	MemberAPISessionAuth bool   // MEMBER_API_SESSION_AUTH, default true: unsigned member-route calls count if a live session of the member comes from the caller's address
-	ClientIPHeader       string // CLIENT_IP_HEADER: header a trusted proxy sets to the client address (Fly-Client-IP); empty: the TCP peer
+	MemberAPISessionAuth bool // MEMBER_API_SESSION_AUTH, default true: unsigned member-route calls count if a live session of the member comes from the caller's address
 
 	// Shared toolbox limits (TOOLBOX_*).
 	Toolbox Toolbox
+
+	// Warnings are what Load accepted but the operator should change (a
+	// deprecated variable name); the broker logs each at start.
+	Warnings []string
 }
 
 // Default returns the reference defaults.
@@ -323,9 +332,6 @@ var vars = []envVar{
 	{name: "HOOK_PENDING_MAX", accepts: "an integer 1-1000000", help: "most parked hook statuses (pending_status rows); a hook that would park one more is answered 429",
 		def: showInt(func(c Config) int { return c.HookPendingMax }),
 		set: intIn(1, 1_000_000, func(c *Config) *int { return &c.HookPendingMax })},
-	{name: "HOOK_CLIENT_IP_HEADER", accepts: "an HTTP header name", help: "take the hook client's address from this header (set it only behind a proxy that overwrites it, e.g. Fly-Client-IP); unset: the connection's peer address",
-		def: func(Config) string { return "" },
-		set: func(c *Config, v string) error { c.HookClientIPHeader = v; return nil }},
 	{name: "SEND_RATE_LIMIT_PER_MIN", accepts: "an integer 0-1000000; 0 disables the limiter", help: "sends per member per minute (refill rate)",
 		def: showInt(func(c Config) int { return c.SendRatePerMin }),
 		set: intIn(0, 1_000_000, func(c *Config) *int { return &c.SendRatePerMin })},
@@ -386,15 +392,14 @@ var vars = []envVar{
 			c.MemberAPISessionAuth = b
 			return nil
 		}},
-	{name: "CLIENT_IP_HEADER", accepts: "an HTTP header name", help: "header a trusted proxy sets to the client's address (Fly.io: Fly-Client-IP), for the member routes' live-session proof; unset: the TCP peer address",
-		def: func(Config) string { return "" },
+	{name: "CLIENT_IP_HEADER", accepts: "an HTTP header name (an RFC 9110 token: letters, digits and !#$%&'*+-.^_`|~)",
+		help: "header a trusted proxy sets to the client's address (Fly.io: Fly-Client-IP), for the hook routes' per-address limit and the member routes' live-session proof; set it only behind a proxy that overwrites it; unset: the TCP peer address",
+		def:  func(Config) string { return "" },
 		set: func(c *Config, v string) error {
-			if strings.TrimFunc(v, func(r rune) bool {
-				return r == '-' || r >= '0' && r <= '9' || r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z'
-			}) != "" {
+			if !validHeaderName(v) {
 				return errBad
 			}
-			c.ClientIPHeader = v
+			c.ClientIPHeader = textproto.CanonicalMIMEHeaderKey(v)
 			return nil
 		}},
 	{name: "RESUME_TOKEN_KEY", accepts: "64 hex characters (an ed25519 seed)", help: "signs resume tokens; unset: generated once and kept in the database",
@@ -474,18 +479,65 @@ var vars = []envVar{
 		}},
 }
 
+// validHeaderName reports whether v is a field name HTTP allows: a token of
+// RFC 9110 section 5.6.2. A name with a space or a colon could never match
+// a header a proxy sets, so it is refused at start rather than silently
+// never matching.
+func validHeaderName(v string) bool {
+	if v == "" {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		b := v[i]
+		if b >= '0' && b <= '9' || b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || strings.IndexByte("!#$%&'*+-.^_`|~", b) >= 0 {
+			continue
+		}
+		return false
+	}
+	return true
+}
+
+// renamed lists the old names still read, each for the variable of vars
+// that replaced it, so that an operator's setting is not silently lost:
+// alone it is used (with a warning to rename it), beside the new name it
+// must agree with it or the broker refuses to start.
+var renamed = []struct {
+	old, current string
+	same         func(a, b string) bool // whether two raw values mean the same
+}{
+	// Before HOOK_CLIENT_IP_HEADER and CLIENT_IP_HEADER were merged, the
+	// first applied to the hook routes only. Header names ignore case.
+	{old: "HOOK_CLIENT_IP_HEADER", current: "CLIENT_IP_HEADER", same: strings.EqualFold},
+}
+
 // Load reads every variable through getenv (os.Getenv in production, a map
 // in tests). An unset or empty variable keeps its default. The first bad
 // value stops loading with an error naming the variable and what it accepts.
 func Load(getenv func(string) string) (Config, error) {
 	c := Default()
 	for _, v := range allVars() {
-		raw := strings.TrimSpace(getenv(v.name))
+		name, raw := v.name, strings.TrimSpace(getenv(v.name))
+		for _, r := range renamed {
+			if r.current != v.name {
+				continue
+			}
+			oldRaw := strings.TrimSpace(getenv(r.old))
+			switch {
+			case oldRaw == "":
+			case raw == "":
+				name, raw = r.old, oldRaw
+				c.Warnings = append(c.Warnings, fmt.Sprintf("%s is deprecated: rename it to %s (read as %s=%q)", r.old, r.current, r.current, oldRaw))
+			case !r.same(raw, oldRaw):
+				return Config{}, fmt.Errorf("%s=%q and %s=%q disagree: %s is the deprecated name of %s; unset it", r.current, raw, r.old, oldRaw, r.old, r.current)
+			default:
+				c.Warnings = append(c.Warnings, fmt.Sprintf("%s is deprecated and repeats %s: remove it", r.old, r.current))
+			}
+		}
 		if raw == "" {
 			continue
 		}
 		if err := v.set(&c, raw); err != nil {
-			return Config{}, fmt.Errorf("%s=%q is invalid: expected %s", v.name, raw, v.accepts)
+			return Config{}, fmt.Errorf("%s=%q is invalid: expected %s", name, raw, v.accepts)
 		}
 	}
 	return c, nil
@@ -502,6 +554,10 @@ func Usage() string {
 			def = "unset"
 		}
 		fmt.Fprintf(&b, "  %-26s %s [%s]\n  %-26s accepts %s\n", v.name, v.help, def, "", v.accepts)
+	}
+	b.WriteString("Deprecated names, still read (rename them):\n")
+	for _, r := range renamed {
+		fmt.Fprintf(&b, "  %-26s now %s; both set and different: refused\n", r.old, r.current)
 	}
 	return b.String()
 }

@@ -2,9 +2,7 @@ package handlers
 
 import (
 	"errors"
-	"net"
 	"net/http"
-	"strings"
 
 	"github.com/labstack/echo/v4"
 
@@ -29,23 +27,6 @@ func (s *Server) routeMeshAPI(e *echo.Echo) {
 // RemoteIP is the socket's client address, for the member routes'
 // live-session proof.
 func (w *wsConn) RemoteIP() string { return w.clientIP }
-
-// clientIP is the request's client address: the TCP peer, or with
-// CLIENT_IP_HEADER the value a trusted proxy put in that header (a proxy
-// hides every client behind its own few addresses). No address, no proof.
-func (s *Server) clientIP(r *http.Request) string {
-	if s.cfg.ClientIPHeader != "" {
-		return strings.TrimSpace(r.Header.Get(s.cfg.ClientIPHeader))
-	}
-	return hostOnly(r.RemoteAddr)
-}
-
-func hostOnly(addr string) string {
-	if host, _, err := net.SplitHostPort(addr); err == nil {
-		return host
-	}
-	return addr
-}
 
 type memberFail struct {
 	OK    bool   `json:"ok"`

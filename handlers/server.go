@@ -12,8 +12,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/netip"
-	"strings"
 	"sync"
 	"time"
 
@@ -375,7 +373,7 @@ func (s *Server) handleHookSetStatus(c echo.Context) error {
 		// status code so hook clients behave the same.
 		return c.JSON(http.StatusInternalServerError, hookReply{Error: "invalid JSON: " + err.Error()})
 	}
-	addr := s.hookClientAddr(c.Request())
+	addr := s.clientAddr(c.Request())
 	if !s.svc.Status.HookAddrAllowed(addr) {
 		s.svc.Metrics.HookRateLimited.Inc()
 		s.log.Warn("hook rate limited", "addr", addr.String())
@@ -422,29 +420,6 @@ func (s *Server) handleHookSetStatus(c echo.Context) error {
 	}
 	s.svc.Messaging.TriggerDrain(res.PresenceID)
 	return c.JSON(http.StatusOK, hookReply{OK: true, PresenceID: res.PresenceID})
-}
-
-// hookClientAddr is the address the hook route limits by: the connection's
-// peer, or, when HOOK_CLIENT_IP_HEADER names a header a trusted proxy sets,
-// that header's last entry (the one the nearest proxy wrote; earlier
-// entries of a list are whatever the client sent). An unparsable value is
-// the zero Addr, whose requests share one bucket.
-func (s *Server) hookClientAddr(r *http.Request) netip.Addr {
-	if h := s.cfg.HookClientIPHeader; h != "" {
-		if v := r.Header.Values(h); len(v) > 0 {
-			last := v[len(v)-1]
-			if i := strings.LastIndexByte(last, ','); i >= 0 {
-				last = last[i+1:]
-			}
-			if a, err := netip.ParseAddr(strings.TrimSpace(last)); err == nil {
-				return a
-			}
-		}
-	}
-	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
-		return ap.Addr()
-	}
-	return netip.Addr{}
 }
 
 // logCwd keeps a hook's cwd short enough for a log line.

@@ -73,7 +73,7 @@ type MemberRequest struct {
 	Method    string
 	Path      string
 	Body      []byte
-	RemoteIP  string // the TCP peer's address, never a forwarded header
+	RemoteIP  string // the client's address as the edge derives it (handlers' clientAddr); "" when unknown
 	Origin    string // the Origin header: set by browsers, never by the CLI
 }
 
