@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -145,6 +146,7 @@ func startBrokerWithClock(ctx context.Context, cfg config.Config, logger *slog.L
 		db.Close()
 		return nil, err
 	}
+	warnExpectedSchema(ctx, cfg.ExpectedSchema, db, logger)
 	// One owner of the leases at a time: a second broker on this database
 	// waits here, before it restores or listens, until the first has gone.
 	owner, err := models.AcquireOwnerLock(ctx, db, cfg.DataDir, logger)
@@ -189,6 +191,12 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 	defer func() {
 		if !started {
 			b.realtime.Close() // its persistence loop runs from construction
+			if b.ln != nil {
+				b.ln.Close()
+			}
+			if b.adminLn != nil {
+				b.adminLn.Close()
+			}
 		}
 	}()
 	b.server = handlers.New(cfg, logger, handlers.Services{
@@ -203,13 +211,34 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 					return err
 				}
 				if !ok {
-					return fmt.Errorf("schema version %s not recorded", cfg.ExpectedSchema)
+					recorded, err := db.SchemaVersions(ctx)
+					if err != nil {
+						return err
+					}
+					return fmt.Errorf("schema version %s not recorded (recorded: %s)", cfg.ExpectedSchema, strings.Join(recorded, ", "))
 				}
 			}
 			return db.SchemaReady(ctx)
 		},
 	}, now)
 
+	// Bind both ports before touching the leases: a start that cannot
+	// listen (the port is taken) must leave the previous process's leases
+	// and its clean-stop record as they were, or the next start would take
+	// the failed one for a crash. Connections that arrive meanwhile wait in
+	// the listen backlog until Serve below.
+	ln, err := net.Listen("tcp", cfg.Addr())
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)
+	}
+	b.ln = ln
+	if cfg.AdminAddr != "" {
+		aln, err := net.Listen("tcp", cfg.AdminAddr)
+		if err != nil {
+			return nil, fmt.Errorf("listen on ADMIN_ADDR %s: %w", cfg.AdminAddr, err)
+		}
+		b.adminLn = aln
+	}
 	if _, err := b.presence.RestoreLeases(ctx); err != nil {
 		return nil, err
 	}
@@ -221,26 +250,15 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 	} else if n > 0 {
 		logger.Info("released queue claims of the previous process", "rows", n)
 	}
-	ln, err := net.Listen("tcp", cfg.Addr())
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)
-	}
-	b.ln = ln
-	if cfg.AdminAddr != "" {
-		aln, err := net.Listen("tcp", cfg.AdminAddr)
-		if err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("listen on ADMIN_ADDR %s: %w", cfg.AdminAddr, err)
-		}
-		b.adminLn = aln
+	started = true
+	if b.adminLn != nil {
 		b.admin = &http.Server{Handler: handlers.AdminHandler(), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
-			if err := b.admin.Serve(aln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := b.admin.Serve(b.adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				logger.Error("admin listener", "err", err)
 			}
 		}()
 	}
-	started = true
 	b.audit.Start()
 	b.queue.Start()
 	b.toolbox.Start()
@@ -252,6 +270,9 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 	storage := []any{"db", db.Dialect.String()}
 	if db.Dialect == models.DialectSQLite {
 		storage = append(storage, "data_dir", cfg.DataDir, "sqlite_synchronous", cfg.SQLiteSynchronous)
+	} else if u, err := url.Parse(cfg.DatabaseURL); err == nil {
+		// Where, never who: the URL's user and password stay out of the log.
+		storage = append(storage, "db_host", u.Host, "db_name", strings.TrimPrefix(u.Path, "/"))
 	}
 	admin := "off"
 	if b.adminLn != nil {
@@ -261,9 +282,34 @@ func newBroker(ctx context.Context, cfg config.Config, logger *slog.Logger, db *
 		"admin_addr", admin, "hello_timeout_ms", cfg.HelloTimeout.Milliseconds(), "send_rate_limit_per_min", cfg.SendRatePerMin, "send_rate_burst", cfg.SendRateBurst,
 		"ttl_seconds", int(cfg.StatusTTL.Seconds()), "hook_fresh_seconds", int(cfg.HookFreshWindow.Seconds()),
 		"max_connections_per_mesh", cfg.MaxConnectionsPerMesh, "max_message_bytes", cfg.MaxMessageBytes,
-		"hook_rate_limit_per_min", cfg.HookRateLimitPerMin, "lease_ttl_ms", cfg.LeaseTTL.Milliseconds(),
-		"shutdown_timeout_ms", cfg.ShutdownTimeout.Milliseconds())...)
+		"hook_rate_limit_per_min", cfg.HookRateLimitPerMin, "hook_rate_limit_per_addr_per_min", cfg.HookAddrRateLimit,
+		"hook_pending_max", cfg.HookPendingMax, "lease_ttl_ms", cfg.LeaseTTL.Milliseconds(),
+		"clean_close_lease_ms", cfg.CleanCloseLease.Milliseconds(), "claim_lease_ms", cfg.ClaimLease.Milliseconds(),
+		"db_start_timeout_ms", cfg.DBStartTimeout.Milliseconds(), "shutdown_timeout_ms", cfg.ShutdownTimeout.Milliseconds(),
+		"toolbox_max_memories", cfg.Toolbox.MaxMemories, "toolbox_max_tasks", cfg.Toolbox.MaxTasks,
+		"toolbox_max_schedules", cfg.Toolbox.MaxSchedules, "toolbox_max_skills", cfg.Toolbox.MaxSkills,
+		"toolbox_max_vault_entries", cfg.Toolbox.MaxVaultEntries, "toolbox_max_item_bytes", cfg.Toolbox.MaxItemBytes)...)
 	return b, nil
+}
+
+// warnExpectedSchema says at start, once, when EXPECTED_MIGRATION names a
+// version this database has not recorded, and which versions it has: the
+// broker still starts (a migration may be on its way), but /health/ready
+// answers 503 until the version appears.
+func warnExpectedSchema(ctx context.Context, expected string, db *models.DB, logger *slog.Logger) {
+	if expected == "" {
+		return
+	}
+	ok, err := db.HasSchemaVersion(ctx, expected)
+	if err != nil || ok {
+		return // the readiness check reports a failing query
+	}
+	recorded, err := db.SchemaVersions(ctx)
+	if err != nil {
+		return
+	}
+	logger.Warn("EXPECTED_MIGRATION is not recorded in this database; /health/ready answers 503 until it is",
+		"expected", expected, "recorded", recorded, "this_build_records", models.SchemaVersion)
 }
 
 // AdminAddr is the admin listener's bound address, or "" without one.

@@ -381,6 +381,16 @@ func (db *DB) HasSchemaVersion(ctx context.Context, version string) (bool, error
 	return n > 0, nil
 }
 
+// SchemaVersions lists the schema versions recorded in meshbroker_schema,
+// sorted, for messages that name what EXPECTED_MIGRATION could be.
+func (db *DB) SchemaVersions(ctx context.Context) ([]string, error) {
+	var versions []string
+	if err := db.WithContext(ctx).Raw(`SELECT version FROM ` + db.Table("meshbroker_schema") + ` ORDER BY version`).Scan(&versions).Error; err != nil {
+		return nil, fmt.Errorf("list schema versions: %w", err)
+	}
+	return versions, nil
+}
+
 // placeholder is the n-th bind parameter in the dialect's raw SQL, for
 // statements sent through database/sql directly rather than through gorm.
 func (db *DB) placeholder(n int) string {
