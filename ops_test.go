@@ -268,7 +268,7 @@ func TestOperatorLogLines(t *testing.T) {
 		t.Fatalf("hello line: %v", hello)
 	}
 	end := logs.logLines(t, "ws session end")[0]
-	if end["code"] != float64(1000) || end["by"] != "peer" || !strings.HasPrefix(fmt.Sprint(end["conn"]), "127.0.0.1:") || end["presence_id"] == nil {
+	if end["code"] != float64(1000) || end["by"] != "peer" || !strings.HasPrefix(fmt.Sprint(end["remote"]), "127.0.0.1:") || end["presence_id"] == nil {
 		t.Fatalf("session end line: %v", end)
 	}
 	if strings.Contains(logs.String(), "/home/secret/project") {

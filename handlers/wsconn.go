@@ -529,7 +529,7 @@ func (w *wsConn) logAt(level slog.Level, msg string, args ...any) {
 	if !w.srv.log.Enabled(ctx, level) {
 		return
 	}
-	l := w.srv.log.With("conn", remoteShort(w.ws.RemoteAddr()))
+	l := w.srv.log.With("remote", remoteShort(w.ws.RemoteAddr()))
 	if c := w.ident.Load(); c != nil {
 		l = l.With("presence_id", c.PresenceID, "mesh", c.MeshID, "peer", protocol.Short(c.RoutingPubkey()))
 	}
