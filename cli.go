@@ -151,10 +151,12 @@ func runCommand(args []string, cfg config.Config, logger *slog.Logger, stdout, s
 		}
 		return print(members)
 	case "member revoke":
-		if _, err := prov.RevokeMember(ctx, *meshID, *member); err != nil {
+		revoked, err := prov.RevokeMember(ctx, *meshID, *member)
+		if err != nil {
 			return fail(2, "%v", err)
 		}
-		return print(map[string]string{"revoked": *member})
+		return print(map[string]string{"revoked": revoked}) // normalized: a key in lower case
+
 	case "invite create":
 		inv, err := services.NewInviteService(db, time.Now, nil).Create(ctx, *meshID, services.InviteOptions{Role: *role, MaxUses: *maxUses, TTL: inviteTTL, BrokerURL: *brokerURL})
 		if err != nil {

@@ -86,8 +86,8 @@ func TestProvisioningListsKeygenAndReAdd(t *testing.T) {
 
 	// Revoke by the uppercase key, then add it back: a new active row, the
 	// revoked one kept.
-	if code, _, errs := runCmd("member", "revoke", "--mesh", owner.MeshID, "--member", upper); code != 0 {
-		t.Fatalf("revoke: %d %s", code, errs)
+	if code, out, errs := runCmd("member", "revoke", "--mesh", owner.MeshID, "--member", upper); code != 0 || !strings.Contains(out, `"revoked": "`+kp.Pubkey+`"`) {
+		t.Fatalf("revoke (the answer names the key in lower case): %d %s %s", code, out, errs)
 	}
 	code, out, errs = runCmd("member", "add", "--mesh", owner.MeshID, "--pubkey", kp.Pubkey, "--name", "dave", "--role", "admin")
 	var back services.Identity
