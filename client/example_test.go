@@ -3,7 +3,8 @@ package client_test
 // These examples need a running broker, so they are compiled but not run
 // (no Output comments): package client cannot start one without importing
 // the module root. goclient_test.go at the root runs the same flows
-// against a real broker.
+// against a real broker. The examples that need none, and whose output go
+// test checks, are in example_offline_test.go.
 
 import (
 	"context"
