@@ -127,14 +127,19 @@ func TestDirectMessageLifecycle(t *testing.T) {
 // never sees a message twice; the row is marked delivered at lease expiry.
 func TestNonAckingClientExactlyOnce(t *testing.T) {
 	t.Parallel()
+	// The push is confirmed by the pong to a ping PushConfirmDelay after it;
+	// only a confirmed push is marked delivered at claim expiry (an
+	// unconfirmed one is pushed again). The claim outlasts the confirmation
+	// by far: a 200 ms claim lost that race on a loaded machine.
 	b := startTestBroker(t, func(c *config.Config) {
-		c.ClaimLease = 200 * time.Millisecond
+		c.ClaimLease = 1500 * time.Millisecond
+		c.PushConfirmDelay = 10 * time.Millisecond
 		c.ClaimReapInterval = 20 * time.Millisecond
 	})
 	m := b.msgFixture()
 	first := dm(t, m.a1, m.sa1, m.sb1, "now", "one")
 	waitFrame(t, m.b1, 2*time.Second, isMessage)
-	waitFor(t, 3*time.Second, "delivered at claim expiry", func() bool { return b.row(first.MessageID).DeliveredAt != nil })
+	waitFor(t, 15*time.Second, "delivered at claim expiry", func() bool { return b.row(first.MessageID).DeliveredAt != nil })
 	dm(t, m.a1, m.sa1, m.sb1, "now", "two")
 	seen := map[string]int{}
 	for _, f := range collect(m.b1, 500*time.Millisecond, isMessage) {

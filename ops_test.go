@@ -284,7 +284,9 @@ func TestDatabaseNotUpGivesUpAfterTimeout(t *testing.T) {
 	var out, errb lockedBuffer
 	env := map[string]string{
 		"DATABASE_URL":        fmt.Sprintf("postgres://postgres@127.0.0.1:%d/none?sslmode=disable&connect_timeout=2", port),
-		"DB_START_TIMEOUT_MS": "400",
+		// Long enough for three attempts (backoff 250, 500 ms) even when an
+		// attempt takes a few hundred ms on a loaded machine.
+		"DB_START_TIMEOUT_MS": "1500",
 		"BROKER_PORT":         "0",
 		"BROKER_HOST":         "127.0.0.1",
 	}
@@ -297,11 +299,11 @@ func TestDatabaseNotUpGivesUpAfterTimeout(t *testing.T) {
 	attempts := errb.logLines(t, "database not reachable, retrying")
 	final := errb.logLines(t, "start")
 	if len(attempts) < 2 || len(final) != 1 || !strings.Contains(fmt.Sprint(final[0]["err"]), "not reachable after") ||
-		!strings.Contains(fmt.Sprint(final[0]["err"]), "DB_START_TIMEOUT_MS=400") {
+		!strings.Contains(fmt.Sprint(final[0]["err"]), "DB_START_TIMEOUT_MS=1500") {
 		t.Fatalf("attempts %d, final %v\n%s", len(attempts), final, errb.String())
 	}
-	if elapsed < 400*time.Millisecond {
-		t.Fatalf("gave up after %s, before the 400 ms it was given", elapsed)
+	if elapsed < 1500*time.Millisecond {
+		t.Fatalf("gave up after %s, before the 1500 ms it was given", elapsed)
 	}
 	for i, a := range attempts {
 		if a["attempt"] != float64(i+1) || a["retry_in_ms"] == nil || a["err"] == nil {
