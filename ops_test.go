@@ -283,7 +283,7 @@ func TestDatabaseNotUpGivesUpAfterTimeout(t *testing.T) {
 	port := freePort(t)
 	var out, errb lockedBuffer
 	env := map[string]string{
-		"DATABASE_URL":        fmt.Sprintf("postgres://postgres@127.0.0.1:%d/none?sslmode=disable&connect_timeout=2", port),
+		"DATABASE_URL": fmt.Sprintf("postgres://postgres@127.0.0.1:%d/none?sslmode=disable&connect_timeout=2", port),
 		// Long enough for three attempts (backoff 250, 500 ms) even when an
 		// attempt takes a few hundred ms on a loaded machine.
 		"DB_START_TIMEOUT_MS": "1500",
