@@ -87,7 +87,7 @@ func NewMetrics() *Metrics {
 	m.ReattachLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_reattach_seconds", Help: "hello received to hello_ack queued, for silent reattaches", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)})
 	m.DBErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshbroker_db_errors_total", Help: "Database statements that failed, by gorm operation"}, []string{"op"})
 	m.DBQuery = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "meshbroker_db_query_seconds", Help: "Database statement latency, by gorm operation", Buckets: prometheus.ExponentialBuckets(0.0001, 3, 12)}, []string{"op"})
-	m.PushAckLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_push_ack_seconds", Help: "Queue push handed to the socket to the recipient's client_ack", Buckets: prometheus.ExponentialBuckets(0.0005, 3, 12)})
+	m.PushAckLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "meshbroker_push_ack_seconds", Help: "Queue push handed to the socket to the recipient's client_ack (pushes a connection received before its first client_ack are confirmed by pong and not timed)", Buckets: prometheus.ExponentialBuckets(0.0005, 3, 12)})
 	m.FramesIn = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_ws_frames_received_total", Help: "WebSocket data frames read from peers"})
 	m.FramesOut = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_ws_frames_sent_total", Help: "WebSocket data frames written to peers"})
 	m.BytesIn = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshbroker_ws_received_bytes_total", Help: "Payload bytes of WebSocket data frames read"})
