@@ -36,7 +36,9 @@ import (
 // Every test that owns its broker and database calls t.Parallel; the few
 // that count the process's goroutines or memory do not, and so run alone
 // (the testing package runs every sequential top-level test before it
-// releases the parallel ones). An explicit -test.parallel wins.
+// releases the parallel ones). An explicit -test.parallel wins. On Postgres
+// each test's database is a copy of one bootstrapped template, dropped when
+// the tests end (modelstest.RunWithTemplates).
 func TestMain(m *testing.M) {
 	flag.Parse()
 	explicit := false
@@ -47,7 +49,7 @@ func TestMain(m *testing.M) {
 			os.Exit(2)
 		}
 	}
-	os.Exit(m.Run())
+	os.Exit(modelstest.RunWithTemplates(m))
 }
 
 // testParallelism is how many end-to-end tests run at once by default.
@@ -82,7 +84,7 @@ func localConfig(tb testing.TB) config.Config {
 	cfg.Host, cfg.Port = "127.0.0.1", 0
 	if os.Getenv(modelstest.EnvDatabaseURL) != "" {
 		cfg.DataDir = tb.TempDir()
-		cfg.DatabaseURL = modelstest.FreshPostgresURL(tb)
+		cfg.DatabaseURL = modelstest.BootstrappedPostgresURL(tb)
 	} else {
 		cfg.DataDir = modelstest.SeededDataDir(tb)
 	}
