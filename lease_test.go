@@ -131,6 +131,14 @@ func TestSilentReattachMember(t *testing.T) {
 	}
 	again.Kill()
 	b.waitOffline(again.HelloAck.PresenceID)
+	// peer_returned needs the member's saved peer_state, written in the
+	// background after a close; on a loaded Postgres it was not there yet
+	// and the new session was announced as peer_joined.
+	waitFor(t, 10*time.Second, "peer_state saved at close", func() bool {
+		var n int64
+		b.query(&n, "SELECT count(*) FROM {peer_state} WHERE member_id = ? AND last_seen_at IS NOT NULL", f.a.MemberID)
+		return n == 1
+	})
 	other := b.connect(f.a, client.Options{SessionID: "daemon-2"})
 	if other.HelloAck.PresenceID == d.HelloAck.PresenceID {
 		t.Fatal("another session id reattached")
