@@ -19,7 +19,8 @@ import (
 //
 //   - matchesReattachLocked compares role, member key and session key;
 //   - a resume token names the proven key and one presence, and is honoured
-//     only for a hello claiming that key (resumeLease);
+//     only for a hello claiming that key, and for a session only while the
+//     attestation it last proved is unexpired (resumeLease);
 //   - a member hello's label is refused when another member holds it in the
 //     registry or ever held it in mesh.presence, or it is another member's
 //     key (checkLabel, and labelHeldLocked again at registration);
@@ -154,8 +155,8 @@ func (p *PresenceService) evictLabelHolders(taken []takenLabel) {
 
 // resumeLease returns the presence a resume token resumes for a hello of
 // role claiming claimedKey in meshID, or nil when the token is not genuine
-// or not bound to that key: then the hello is judged on its own, as a
-// fresh hello.
+// or not bound to that key, or the session's attestation has expired: then
+// the hello is judged on its own, as a fresh hello.
 func (p *PresenceService) resumeLease(token, meshID, claimedKey string, role PeerRole) *Conn {
 	claims, ok := p.resume.Verify(token)
 	if !ok || claims.Mid != meshID || claims.Sub != claimedKey {
@@ -166,6 +167,13 @@ func (p *PresenceService) resumeLease(token, meshID, claimedKey string, role Pee
 	defer p.mu.RUnlock()
 	lease := p.conns[claims.Prs]
 	if lease == nil || lease.MeshID != meshID || lease.Role != role || lease.ProvenKey() != claimedKey {
+		return nil
+	}
+	// A token stands in for the session's attestation, never for longer
+	// than the attestation itself: once the parent's grant has run out the
+	// session must prove a fresh one.
+	if !lease.attestExpiresAt.IsZero() && !p.now().Before(lease.attestExpiresAt) {
+		p.log.Info("resume token refused: the session's attestation has expired", "mesh", meshID, "presence_id", lease.PresenceID)
 		return nil
 	}
 	return lease
