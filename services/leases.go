@@ -312,12 +312,38 @@ type restoredLease struct {
 	MessageMode          *string
 	RevokedAt            *time.Time
 	PeerGrants           models.JSON
+	// LeaseUntil is set for a lease that was already in grace when its
+	// owner stopped; the owner was last known alive at its clean stop or,
+	// after a crash, its last heartbeat.
+	LeaseUntil       *time.Time
+	OwnerStoppedAt   *time.Time
+	OwnerHeartbeatAt *time.Time
+}
+
+// restoredWindow is how long a restored lease waits for its peer. A peer
+// the stop (or crash) cut off gets the full LEASE_TTL_MS to reconnect; one
+// that was already gone keeps only what was left of its own lease, so that a
+// client that closed normally (CLEAN_CLOSE_LEASE_MS) or dropped long before
+// is not brought back for a full lease by a restart.
+func (p *PresenceService) restoredWindow(r *restoredLease) time.Duration {
+	window := p.cfg.LeaseTTL
+	seen := r.OwnerStoppedAt
+	if seen == nil {
+		seen = r.OwnerHeartbeatAt
+	}
+	if r.LeaseUntil != nil && seen != nil {
+		if left := r.LeaseUntil.Sub(*seen); left < window {
+			window = max(left, 0)
+		}
+	}
+	return window
 }
 
 // RestoreLeases registers this process as the owner of the database's
 // leases and restores every lease the previous process held (held after a
-// clean stop, online or in grace after a crash) as an offline lease with a
-// full window from now. Call once, while holding the owner lock, before
+// clean stop, online or in grace after a crash) as an offline lease: with a
+// full window from now, or what was left of it for a lease already in grace
+// at the stop (restoredWindow). Call once, while holding the owner lock, before
 // the first socket. A database without meshbroker_lease rows (a fresh one,
 // or one the reference broker wrote) restores nothing.
 func (p *PresenceService) RestoreLeases(ctx context.Context) (int, error) {
@@ -330,8 +356,12 @@ func (p *PresenceService) RestoreLeases(ctx context.Context) (int, error) {
 	err := p.db.WithContext(ctx).Raw("SELECT l.presence_id, l.mesh_id, l.member_id, l.role, l.has_session_pubkey, l.session_id, l.display_name, l.cwd," +
 		" l.hostname, l.peer_type, l.channel, l.model, l.visible, l.profile, l.stats, l.attestation_expires_at, l.lease_state," +
 		" p.session_pubkey, p.pid, p.groups, p.connected_at, p.status, p.status_source, p.status_updated_at," +
-		" m.peer_pubkey, m.display_name AS member_display_name, m.user_id, m.role AS member_role, m.role_tag, m.default_groups, m.message_mode, m.revoked_at, m.peer_grants" +
-		" FROM " + l + " l JOIN " + pr + " p ON p.id = l.presence_id JOIN " + mem + " m ON m.id = p.member_id ORDER BY p.connected_at, p.id").Scan(&rows).Error
+		" m.peer_pubkey, m.display_name AS member_display_name, m.user_id, m.role AS member_role, m.role_tag, m.default_groups, m.message_mode, m.revoked_at, m.peer_grants," +
+		// Both node times, not a COALESCE: SQLite types a column by its
+		// declaration, and an expression has none.
+		" l.lease_until, n.stopped_at AS owner_stopped_at, n.heartbeat_at AS owner_heartbeat_at" +
+		" FROM " + l + " l JOIN " + pr + " p ON p.id = l.presence_id JOIN " + mem + " m ON m.id = p.member_id" +
+		" LEFT JOIN " + p.db.Table("meshbroker_node") + " n ON n.node_id = l.owner_node_id ORDER BY p.connected_at, p.id").Scan(&rows).Error
 	if err != nil {
 		return 0, fmt.Errorf("restore leases: read: %w", err)
 	}
@@ -346,6 +376,13 @@ func (p *PresenceService) RestoreLeases(ctx context.Context) (int, error) {
 		// The rows read as live again (the stale sweeper may have flipped
 		// some while they were in grace or while no broker ran), with a ping
 		// stamp from now, so list_peers shows them as before.
+		for i := range rows {
+			if w := p.restoredWindow(&rows[i]); w < p.cfg.LeaseTTL {
+				if err := tx.Exec("UPDATE "+l+" SET lease_until = ? WHERE presence_id = ?", now.Add(w).UTC(), rows[i].PresenceID).Error; err != nil {
+					return fmt.Errorf("adopt: shorten %s: %w", rows[i].PresenceID, err)
+				}
+			}
+		}
 		return tx.Exec("UPDATE "+pr+" SET disconnected_at = NULL, last_ping_at = ? WHERE id IN (SELECT presence_id FROM "+l+")", now.UTC()).Error
 	})
 	if err != nil {
@@ -354,11 +391,13 @@ func (p *PresenceService) RestoreLeases(ctx context.Context) (int, error) {
 	held, crashed := 0, 0
 	p.mu.Lock()
 	for i := range rows {
+		window := p.restoredWindow(&rows[i])
 		c := p.restoredConnLocked(&rows[i], now)
+		c.leaseUntil = now.Add(window)
 		p.addLocked(c)
 		p.offline++
 		gen := c.leaseGen
-		c.leaseTimer = time.AfterFunc(p.cfg.LeaseTTL, func() { p.expire(c, gen, EvictLeaseExpired) })
+		c.leaseTimer = time.AfterFunc(window, func() { p.expire(c, gen, EvictLeaseExpired) })
 		if rows[i].LeaseState == leaseHeld {
 			held++
 		} else {
@@ -473,7 +512,11 @@ func (p *PresenceService) HoldForNextProcess(ctx context.Context) error {
 	}
 	now := p.now().UTC()
 	err := p.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
-		if err := tx.Exec("UPDATE "+p.db.Table("meshbroker_lease")+" SET lease_state = ?, lease_until = NULL, updated_at = ? WHERE owner_node_id = ?", leaseHeld, now, p.leases.nodeID).Error; err != nil {
+		// A lease already in grace keeps its lease_until, so the next
+		// process gives it only what is left (restoredWindow); the others
+		// were cut off by this stop and get a full window there.
+		if err := tx.Exec("UPDATE "+p.db.Table("meshbroker_lease")+" SET lease_state = ?, lease_until = CASE WHEN lease_state = ? THEN lease_until ELSE NULL END, updated_at = ? WHERE owner_node_id = ?",
+			leaseHeld, leaseGrace, now, p.leases.nodeID).Error; err != nil {
 			return err
 		}
 		return tx.Exec("UPDATE "+p.db.Table("meshbroker_node")+" SET state = 'stopped', stopped_at = ?, heartbeat_at = ? WHERE node_id = ?", now, now, p.leases.nodeID).Error
