@@ -1,149 +1,27 @@
 package main
 
 import (
-	"bufio"
-	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"log/slog"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/claudemesh/meshbroker/models"
-	"github.com/claudemesh/meshbroker/models/modelstest"
+	"github.com/claudemesh/meshbroker/internal/brokerproc"
 )
-
-// floodBroker is the real meshbroker binary running as a child process on
-// its own DATA_DIR (or a fresh Postgres database with TEST_DATABASE_URL).
-type floodBroker struct {
-	t       *testing.T
-	cmd     *exec.Cmd
-	port    int
-	dataDir string
-	dbURL   string
-	exited  chan struct{}
-}
-
-// startFloodBroker builds the broker into a temp dir and starts it with env
-// (KEY=VALUE) on a port it picks itself, read back from its start log.
-func startFloodBroker(t *testing.T, env ...string) *floodBroker {
-	t.Helper()
-	began := time.Now()
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "meshbroker")
-	build := exec.Command("go", "build", "-o", bin, ".")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build broker: %v\n%s", err, out)
-	}
-	cb := &floodBroker{t: t, dataDir: filepath.Join(dir, "data"), exited: make(chan struct{})}
-	if os.Getenv(modelstest.EnvDatabaseURL) != "" {
-		cb.dbURL = modelstest.FreshPostgresURL(t)
-	}
-	cb.cmd = exec.Command(bin)
-	cb.cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "BROKER_HOST=127.0.0.1", "BROKER_PORT=0",
-		"DATA_DIR=" + cb.dataDir, "DATABASE_URL=" + cb.dbURL, "LOG_LEVEL=info"}, env...)
-	stderr, err := cb.cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cb.cmd.Start(); err != nil {
-		t.Fatalf("start broker: %v", err)
-	}
-	ports := make(chan int, 1)
-	go func() { // the start log names the port; the rest is drained so the child never blocks on stderr
-		sc := bufio.NewScanner(stderr)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			var line struct {
-				Msg  string `json:"msg"`
-				Port int    `json:"port"`
-			}
-			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "broker listening" {
-				ports <- line.Port
-			}
-		}
-		_, _ = io.Copy(io.Discard, stderr)
-	}()
-	go func() { _ = cb.cmd.Wait(); close(cb.exited) }()
-	t.Cleanup(func() { cb.stop() })
-	select {
-	case cb.port = <-ports:
-		t.Logf("broker built and listening in %v", time.Since(began).Round(time.Millisecond))
-	case <-cb.exited:
-		t.Fatal("broker exited before listening")
-	case <-time.After(60 * time.Second):
-		t.Fatal("broker did not report its port")
-	}
-	return cb
-}
-
-// stop sends SIGTERM and waits for the process, killing it after a while.
-func (cb *floodBroker) stop() {
-	select {
-	case <-cb.exited:
-		return
-	default:
-	}
-	_ = cb.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-cb.exited:
-	case <-time.After(30 * time.Second):
-		_ = cb.cmd.Process.Kill()
-		<-cb.exited
-		cb.t.Error("broker did not stop on SIGTERM")
-	}
-}
-
-// memory reads the child's current and peak resident set size.
-func (cb *floodBroker) memory() (rss, peak int64) {
-	cb.t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cb.cmd.Process.Pid))
-	if err != nil {
-		cb.t.Fatalf("read /proc status: %v", err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 2 && (f[0] == "VmRSS:" || f[0] == "VmHWM:") {
-			kb, _ := strconv.ParseInt(f[1], 10, 64)
-			if f[0] == "VmRSS:" {
-				rss = kb << 10
-			} else {
-				peak = kb << 10
-			}
-		}
-	}
-	return rss, peak
-}
 
 // checkMemory fails the test if the child's resident or peak memory is
 // over limit.
-func (cb *floodBroker) checkMemory(when string, limit int64) {
-	cb.t.Helper()
-	rss, peak := cb.memory()
-	cb.t.Logf("%s: RSS %d MB, peak %d MB", when, rss>>20, peak>>20)
+func checkMemory(t *testing.T, cb *brokerproc.Broker, when string, limit int64) {
+	t.Helper()
+	rss, peak := cb.Memory()
+	t.Logf("%s: RSS %d MB, peak %d MB", when, rss>>20, peak>>20)
 	if rss > limit || peak > limit {
-		cb.t.Fatalf("%s: RSS %d MB, peak %d MB; want both under %d MB", when, rss>>20, peak>>20, limit>>20)
+		t.Fatalf("%s: RSS %d MB, peak %d MB; want both under %d MB", when, rss>>20, peak>>20, limit>>20)
 	}
-}
-
-// openDB opens the child's database (after it stopped, for SQLite).
-func (cb *floodBroker) openDB() *models.DB {
-	cb.t.Helper()
-	db, err := models.Open(context.Background(), cb.dbURL, cb.dataDir, slog.New(slog.DiscardHandler))
-	if err != nil {
-		cb.t.Fatalf("open the broker's database: %v", err)
-	}
-	cb.t.Cleanup(func() { db.Close() })
-	return db
 }
 
 type hookAnswer struct {
@@ -154,13 +32,13 @@ type hookAnswer struct {
 
 // flood posts n bodies to the hook route from workers goroutines; addr(i)
 // is the client address request i claims through the trusted header.
-func flood(t *testing.T, cb *floodBroker, n, workers int, body func(i int) string, addr func(i int) string) []hookAnswer {
+func flood(t *testing.T, cb *brokerproc.Broker, n, workers int, body func(i int) string, addr func(i int) string) []hookAnswer {
 	t.Helper()
 	began := time.Now()
 	defer func() { t.Logf("%d requests in %v", n, time.Since(began).Round(time.Millisecond)) }()
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: workers}}
 	defer client.CloseIdleConnections()
-	url := fmt.Sprintf("http://127.0.0.1:%d/hook/set-status", cb.port)
+	url := cb.HTTPURL("/hook/set-status")
 	out := make([]hookAnswer, n)
 	next := make(chan int)
 	var wg sync.WaitGroup
@@ -213,10 +91,13 @@ func TestHookFloodBounded(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the broker binary")
 	}
+	t.Parallel() // its own storage, port and process; the memory read is the child's own
 	const pendingMax = 300
 	const perAddr = 100 // per minute: a burst of 100, then one more every 0.6 s
-	cb := startFloodBroker(t, "CLIENT_IP_HEADER=X-Test-Client-IP", fmt.Sprintf("HOOK_PENDING_MAX=%d", pendingMax),
-		fmt.Sprintf("HOOK_RATE_LIMIT_PER_ADDR_PER_MIN=%d", perAddr))
+	st := brokerproc.NewStorage(t)
+	cb := brokerproc.New(t, brokerproc.Options{Storage: st, Env: []string{"CLIENT_IP_HEADER=X-Test-Client-IP",
+		fmt.Sprintf("HOOK_PENDING_MAX=%d", pendingMax), fmt.Sprintf("HOOK_RATE_LIMIT_PER_ADDR_PER_MIN=%d", perAddr)}})
+	cb.Start()
 	rotate := func(i int) string { return fmt.Sprintf("10.1.%d.%d", i/250%250, i%250+1) } // one request per address
 
 	// The issue's flood, half of it (the broker on main kept about 90 KB a
@@ -226,7 +107,7 @@ func TestHookFloodBounded(t *testing.T) {
 	got := flood(t, cb, 2500, 8, func(i int) string {
 		return fmt.Sprintf(`{"cwd":"%s%d","pid":%d,"status":"working"}`, big, i, 100000+i)
 	}, rotate)
-	cb.checkMemory("after the 60 KB cwd flood", 150<<20)
+	checkMemory(t, cb, "after the 60 KB cwd flood", 150<<20)
 	if n := tally(got)["400 cwd longer than 4096 bytes"]; n != len(got) {
 		t.Fatalf("60 KB cwd: %v", tally(got))
 	}
@@ -271,9 +152,10 @@ func TestHookFloodBounded(t *testing.T) {
 		t.Fatalf("one /64 (%d refilled at most): %v", refill, tl)
 	}
 
-	cb.checkMemory("after every flood", 150<<20)
-	cb.stop()
-	db := cb.openDB()
+	checkMemory(t, cb, "after every flood", 150<<20)
+	// Stopped first: the count below reads the SQLite file the child wrote.
+	_ = cb.Stop(syscall.SIGTERM, 30*time.Second) // its exit status is not what this test is about
+	db := st.Open(t)
 	var parked int64
 	if err := db.Raw("SELECT count(*) FROM " + db.Table("pending_status")).Scan(&parked).Error; err != nil {
 		t.Fatal(err)

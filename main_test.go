@@ -18,6 +18,7 @@ import (
 
 	"github.com/claudemesh/meshbroker/client"
 	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/internal/brokerproc"
 	"github.com/claudemesh/meshbroker/models"
 	"github.com/claudemesh/meshbroker/models/modelstest"
 	"github.com/claudemesh/meshbroker/protocol"
@@ -49,7 +50,9 @@ func TestMain(m *testing.M) {
 			os.Exit(2)
 		}
 	}
-	os.Exit(modelstest.RunWithTemplates(m))
+	// brokerproc.Main runs the tests, then removes the broker binary the
+	// child-process tests (restart_test.go and others) built once.
+	os.Exit(brokerproc.Main(func() int { return modelstest.RunWithTemplates(m) }))
 }
 
 // testParallelism is how many end-to-end tests run at once by default.

@@ -18,6 +18,7 @@ import (
 
 	"github.com/claudemesh/meshbroker/client"
 	"github.com/claudemesh/meshbroker/config"
+	"github.com/claudemesh/meshbroker/internal/brokerproc"
 	"github.com/claudemesh/meshbroker/models"
 	"github.com/claudemesh/meshbroker/models/modelstest"
 )
@@ -292,7 +293,7 @@ func TestOperatorLogLines(t *testing.T) {
 // every attempt and gives up after DB_START_TIMEOUT_MS with a clear error.
 func TestDatabaseNotUpGivesUpAfterTimeout(t *testing.T) {
 	t.Parallel()
-	port := freePort(t)
+	port := brokerproc.FreePort(t)
 	var out, errb lockedBuffer
 	env := map[string]string{
 		"DATABASE_URL": fmt.Sprintf("postgres://postgres@127.0.0.1:%d/none?sslmode=disable&connect_timeout=2", port),
@@ -337,7 +338,7 @@ func TestDatabaseComingUpLateIsWaitedFor(t *testing.T) {
 		t.Skip("needs TEST_DATABASE_URL: a server to come up")
 	}
 	target := modelstest.FreshPostgresURL(t)
-	port := freePort(t)
+	port := brokerproc.FreePort(t)
 	realHost := hostOf(t, target)
 	late := strings.Replace(target, realHost, net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), 1)
 	logs := &lockedBuffer{}

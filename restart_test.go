@@ -1,25 +1,17 @@
 package main
 
 import (
-	"bufio"
-	"context"
 	"fmt"
-	"io"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/internal/brokerproc"
 	"github.com/claudemesh/meshbroker/internal/clienttest"
-	"github.com/claudemesh/meshbroker/models"
-	"github.com/claudemesh/meshbroker/models/modelstest"
 	"github.com/claudemesh/meshbroker/protocol"
 )
 
@@ -29,191 +21,20 @@ import (
 // the lease keeps its presence id, nobody sees a presence event, and a DM
 // sent before the peer is back is delivered once after its hello_ack.
 
-// childStorage is one test's database: a SQLite data dir, or a fresh
-// Postgres database with TEST_DATABASE_URL.
-type childStorage struct {
-	dataDir string
-	dbURL   string
-}
-
-func newChildStorage(t *testing.T) childStorage {
-	st := childStorage{dataDir: t.TempDir()}
-	if os.Getenv(modelstest.EnvDatabaseURL) != "" {
-		st.dbURL = modelstest.FreshPostgresURL(t)
-	}
-	return st
-}
-
-// open bootstraps the storage and returns a handle for provisioning and
-// inspection, closed when the test ends.
-func (st childStorage) open(t *testing.T) *models.DB {
+// startChild starts the binary on st with the lease and returns once it
+// listens; port 0 lets the kernel pick, another port takes it over.
+func startChild(t *testing.T, name string, st brokerproc.Storage, port int, lease time.Duration) *brokerproc.Broker {
 	t.Helper()
-	db, err := models.Open(ctxT(t), st.dbURL, st.dataDir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Bootstrap(ctxT(t)); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
-	return db
-}
-
-// buildBroker compiles the broker into a temp dir.
-func buildBroker(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "meshbroker")
-	cmd := exec.Command("go", "build", "-o", bin, ".")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
-// child is one broker process.
-type child struct {
-	t    *testing.T
-	cmd  *exec.Cmd
-	port int
-	name string
-
-	mu     sync.Mutex
-	lines  []string
-	change chan struct{} // closed and replaced on every new line
-	exited chan struct{}
-	err    error // from Wait, once exited is closed
-}
-
-// startChild starts the binary with env on port and returns once it runs
-// (not necessarily listening: see waitLog).
-func startChild(t *testing.T, bin, name string, st childStorage, port int, lease time.Duration) *child {
-	t.Helper()
-	cmd := exec.Command(bin)
-	cmd.Env = []string{
-		"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"),
-		"BROKER_HOST=127.0.0.1", "BROKER_PORT=" + strconv.Itoa(port), "DATA_DIR=" + st.dataDir,
-		"LEASE_TTL_MS=" + strconv.FormatInt(lease.Milliseconds(), 10), "SEND_RATE_LIMIT_PER_MIN=0", "LOG_LEVEL=info",
-	}
-	if st.dbURL != "" {
-		cmd.Env = append(cmd.Env, "DATABASE_URL="+st.dbURL)
-	}
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ch := &child{t: t, cmd: cmd, port: port, name: name, change: make(chan struct{}), exited: make(chan struct{})}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go ch.read(stderr)
-	t.Cleanup(func() {
-		select {
-		case <-ch.exited:
-		default:
-			_ = cmd.Process.Kill()
-			<-ch.exited
-		}
-		if t.Failed() {
-			ch.mu.Lock()
-			t.Logf("%s log:\n%s", name, strings.Join(ch.lines, "\n"))
-			ch.mu.Unlock()
-		}
-	})
+	ch := newChild(t, name, st, port, lease)
+	ch.Start()
 	return ch
 }
 
-func (ch *child) read(r io.Reader) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		ch.mu.Lock()
-		ch.lines = append(ch.lines, sc.Text())
-		close(ch.change)
-		ch.change = make(chan struct{})
-		ch.mu.Unlock()
-	}
-	ch.err = ch.cmd.Wait()
-	close(ch.exited)
-}
-
-// waitLog waits for a log line containing substr.
-func (ch *child) waitLog(substr string, timeout time.Duration) {
-	ch.t.Helper()
-	deadline := time.After(timeout)
-	seen := 0
-	for {
-		ch.mu.Lock()
-		for ; seen < len(ch.lines); seen++ {
-			if strings.Contains(ch.lines[seen], substr) {
-				ch.mu.Unlock()
-				return
-			}
-		}
-		change := ch.change
-		ch.mu.Unlock()
-		select {
-		case <-change:
-		case <-ch.exited:
-			ch.t.Fatalf("%s exited (%v) before logging %q", ch.name, ch.err, substr)
-		case <-deadline:
-			ch.t.Fatalf("%s did not log %q within %v", ch.name, substr, timeout)
-		}
-	}
-}
-
-func (ch *child) hasLogged(substr string) bool {
-	ch.mu.Lock()
-	defer ch.mu.Unlock()
-	for _, l := range ch.lines {
-		if strings.Contains(l, substr) {
-			return true
-		}
-	}
-	return false
-}
-
-// stop sends sig and waits for the process to end.
-func (ch *child) stop(sig syscall.Signal) {
-	ch.t.Helper()
-	if err := ch.cmd.Process.Signal(sig); err != nil {
-		ch.t.Fatal(err)
-	}
-	select {
-	case <-ch.exited:
-	case <-time.After(60 * time.Second):
-		ch.t.Fatalf("%s did not exit after %v", ch.name, sig)
-	}
-	if sig == syscall.SIGTERM && ch.err != nil {
-		ch.t.Fatalf("%s exit after SIGTERM: %v", ch.name, ch.err)
-	}
-}
-
-func (ch *child) url() string { return fmt.Sprintf("ws://127.0.0.1:%d/ws", ch.port) }
-
-// dialChild connects to a child broker and closes the client when the test ends.
-func dialChild(t *testing.T, ch *child, id client.Identity, opts client.Options) *client.Client {
+// newChild prepares one broker process (started with Start or Launch).
+func newChild(t *testing.T, name string, st brokerproc.Storage, port int, lease time.Duration) *brokerproc.Broker {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if opts.Cwd == "" {
-		opts.Cwd = "/work/" + id.DisplayName
-	}
-	c, err := client.Connect(ctx, ch.url(), id, opts)
-	if err != nil {
-		t.Fatalf("connect %s to %s: %v", id.DisplayName, ch.name, err)
-	}
-	t.Cleanup(c.Kill)
-	return c
+	return brokerproc.New(t, brokerproc.Options{Name: name, Storage: st, Port: port,
+		Env: []string{"LEASE_TTL_MS=" + strconv.FormatInt(lease.Milliseconds(), 10), "SEND_RATE_LIMIT_PER_MIN=0"}})
 }
 
 // isPresenceEvent matches the system pushes a flap would show.
@@ -241,16 +62,14 @@ func TestRestartKeepsLeasesSIGTERM(t *testing.T) { testRestartKeepsLeases(t, sys
 func TestRestartKeepsLeasesKill(t *testing.T)    { testRestartKeepsLeases(t, syscall.SIGKILL) }
 
 func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
+	t.Parallel() // its own storage, port and process
 	const lease = 6 * time.Second
-	bin := buildBroker(t)
-	st := newChildStorage(t)
-	db := st.open(t)
+	st := brokerproc.NewStorage(t)
+	db := st.Bootstrap(t)
 	f := newFixture(t, db)
-	port := freePort(t)
-	first := startChild(t, bin, "first broker", st, port, lease)
-	first.waitLog("broker listening", 60*time.Second)
+	first := startChild(t, "first broker", st, 0, lease)
 
-	observer := dialChild(t, first, f.c, client.Options{SessionID: "observer"})
+	observer := first.Dial(f.c, client.Options{SessionID: "observer"})
 	var peers []*restartPeer
 	for i := range 4 {
 		s := client.NewSession()
@@ -262,11 +81,11 @@ func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
 		&restartPeer{name: "member daemon", id: f.b, opts: client.Options{SessionID: "daemon-b"}},
 		&restartPeer{name: "member cli", id: f.a, opts: client.Options{SessionID: "cli-a", SessionPubkey: label}})
 	for _, p := range peers {
-		p.c = dialChild(t, first, p.id, p.opts)
+		p.c = first.Dial(p.id, p.opts)
 		p.pid, p.token = p.c.HelloAck.PresenceID, p.c.HelloAck.ResumeToken
 	}
 	ghostKey := client.NewSession()
-	ghost := dialChild(t, first, f.b, client.Options{Session: &ghostKey, SessionID: "ghost"})
+	ghost := first.Dial(f.b, client.Options{Session: &ghostKey, SessionID: "ghost"})
 	joins := len(peers) + 1
 	for range joins {
 		waitFrame(t, observer, 10*time.Second, func(fr client.Frame) bool { return isEvent("peer_joined")(fr) || isEvent("peer_returned")(fr) })
@@ -299,7 +118,9 @@ func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
 		}
 	}
 
-	first.stop(sig)
+	if err := first.Stop(sig, 60*time.Second); sig == syscall.SIGTERM && err != nil {
+		t.Fatalf("first broker exit after SIGTERM: %v", err)
+	}
 	if sig == syscall.SIGTERM {
 		for _, c := range []*client.Client{observer, ghost, peers[0].c} {
 			<-c.Done()
@@ -309,12 +130,13 @@ func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
 		}
 	}
 
-	second := startChild(t, bin, "second broker", st, port, lease)
-	second.waitLog("broker listening", 60*time.Second)
-	if !second.hasLogged("leases restored") {
+	// The second process takes the first one's port over, as a restarted
+	// deployment does.
+	second := startChild(t, "second broker", st, first.Port(), lease)
+	if !second.HasLogged("leases restored") {
 		t.Fatal("second broker restored no lease")
 	}
-	obs := dialChild(t, second, f.c, client.Options{SessionID: "observer"})
+	obs := second.Dial(f.c, client.Options{SessionID: "observer"})
 	if obs.HelloAck.PresenceID != observer.HelloAck.PresenceID {
 		t.Fatalf("observer got presence %s, want %s", obs.HelloAck.PresenceID, observer.HelloAck.PresenceID)
 	}
@@ -341,7 +163,7 @@ func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
 		case p.token != "":
 			opts.ResumeToken = p.token
 		}
-		c := dialChild(t, second, p.id, opts)
+		c := second.Dial(p.id, opts)
 		if c.HelloAck.PresenceID != p.pid {
 			t.Fatalf("%s got presence %s, want %s (ack %s)", p.name, c.HelloAck.PresenceID, p.pid, c.AckRaw)
 		}
@@ -391,28 +213,33 @@ func testRestartKeepsLeases(t *testing.T, sig syscall.Signal) {
 // A second broker on the same database waits for the first to let go,
 // without listening, then restores its leases.
 func TestSecondBrokerWaitsForFirst(t *testing.T) {
+	t.Parallel() // its own storage, ports and processes
 	const lease = 10 * time.Second
-	bin := buildBroker(t)
-	st := newChildStorage(t)
-	f := newFixture(t, st.open(t))
-	first := startChild(t, bin, "first broker", st, freePort(t), lease)
-	first.waitLog("broker listening", 60*time.Second)
+	st := brokerproc.NewStorage(t)
+	f := newFixture(t, st.Bootstrap(t))
+	first := startChild(t, "first broker", st, 0, lease)
 	sess := client.NewSession()
-	s := dialChild(t, first, f.a, client.Options{Session: &sess, SessionID: "claude"})
-	observer := dialChild(t, first, f.b, client.Options{SessionID: "observer"})
+	s := first.Dial(f.a, client.Options{Session: &sess, SessionID: "claude"})
+	observer := first.Dial(f.b, client.Options{SessionID: "observer"})
 
-	second := startChild(t, bin, "second broker", st, freePort(t), lease)
-	second.waitLog("another broker owns this database", 60*time.Second)
-	if _, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", second.port), time.Second); err == nil {
+	// The waiting broker's port is named up front (it does not listen yet,
+	// so it could not be read back from a start line): the dial below
+	// checks nothing accepts on it.
+	second := newChild(t, "second broker", st, brokerproc.FreePort(t), lease)
+	second.Launch()
+	second.WaitLog("another broker owns this database", 60*time.Second)
+	if _, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", second.Port()), time.Second); err == nil {
 		t.Fatal("the waiting broker accepts connections")
 	}
-	if second.hasLogged("broker listening") {
+	if second.HasLogged("broker listening") {
 		t.Fatal("the waiting broker listens")
 	}
-	first.stop(syscall.SIGTERM)
-	second.waitLog("broker listening", 60*time.Second)
-	obs := dialChild(t, second, f.b, client.Options{SessionID: "observer"})
-	again := dialChild(t, second, f.a, client.Options{Session: &sess, SessionID: "claude"})
+	if err := first.Stop(syscall.SIGTERM, 60*time.Second); err != nil {
+		t.Fatalf("first broker exit after SIGTERM: %v", err)
+	}
+	second.WaitListening(60 * time.Second)
+	obs := second.Dial(f.b, client.Options{SessionID: "observer"})
+	again := second.Dial(f.a, client.Options{Session: &sess, SessionID: "claude"})
 	if again.HelloAck.PresenceID != s.HelloAck.PresenceID || obs.HelloAck.PresenceID != observer.HelloAck.PresenceID {
 		t.Fatalf("presence ids not kept across the handover: %s %s", again.AckRaw, obs.AckRaw)
 	}

@@ -1,131 +1,70 @@
-// Package faulttest is the fault suite: it builds the real meshbroker binary,
-// runs it as a child process on its own storage (an SQLite DATA_DIR, or a
-// fresh database on TEST_DATABASE_URL's server, or a private Postgres
-// cluster it starts itself) and drives it through kill -9, SIGTERM, a
-// frozen reader and a Postgres restart under load, counting every message
-// by id (internal/faultload). Loss assertions are exact; duplicates are
-// bounded as a percentage of acked sends; nothing is timed.
+// Package faulttest is the fault suite: it builds the real meshbroker binary
+// and runs it as a child process (internal/brokerproc) on its own storage
+// (an SQLite DATA_DIR, or a fresh database on TEST_DATABASE_URL's server, or
+// a private Postgres cluster it starts itself) and drives it through kill
+// -9, SIGTERM, a frozen reader and a Postgres restart under load, counting
+// every message by id (internal/faultload). Loss assertions are exact;
+// duplicates are bounded as a percentage of acked sends; nothing is timed.
 package faulttest
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/claudemesh/meshbroker/client"
+	"github.com/claudemesh/meshbroker/internal/brokerproc"
 	"github.com/claudemesh/meshbroker/internal/faultload"
 	"github.com/claudemesh/meshbroker/models"
 	"github.com/claudemesh/meshbroker/models/modelstest"
 )
 
-var (
-	buildOnce sync.Once
-	binDir    string
-	binPath   string
-	buildErr  error
-)
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
-	}
-	os.Exit(code)
-}
-
-// brokerBinary builds the module's main package once per test run.
-func brokerBinary(t *testing.T) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		root, err := filepath.Abs("..")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		if binDir, buildErr = os.MkdirTemp("", "meshbroker-fault-"); buildErr != nil {
-			return
-		}
-		binPath = filepath.Join(binDir, "meshbroker")
-		cmd := exec.Command("go", "build", "-o", binPath, ".")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binPath
-}
-
-// storage is where one scenario's broker keeps its data.
-type storage struct {
-	databaseURL string // "" for SQLite
-	dataDir     string
-}
-
-func (s storage) env() []string {
-	if s.databaseURL != "" {
-		return []string{"DATABASE_URL=" + s.databaseURL}
-	}
-	return []string{"DATA_DIR=" + s.dataDir}
-}
+// TestMain goes through brokerproc.Main, which removes the broker binary
+// the scenarios build once between them.
+func TestMain(m *testing.M) { os.Exit(brokerproc.Main(m.Run)) }
 
 // eachStorage runs fn on SQLite and, with TEST_DATABASE_URL, on a fresh
 // Postgres database.
-func eachStorage(t *testing.T, fn func(t *testing.T, st storage)) {
-	t.Run("sqlite", func(t *testing.T) { fn(t, storage{dataDir: t.TempDir()}) })
+func eachStorage(t *testing.T, fn func(t *testing.T, st brokerproc.Storage)) {
+	t.Run("sqlite", func(t *testing.T) { fn(t, brokerproc.SQLiteStorage(t)) })
 	t.Run("postgres", func(t *testing.T) {
 		if os.Getenv(modelstest.EnvDatabaseURL) == "" {
 			t.Skip("TEST_DATABASE_URL unset: the Postgres run is skipped")
 		}
-		fn(t, storage{databaseURL: modelstest.FreshPostgresURL(t)})
+		fn(t, brokerproc.PostgresStorage(t))
 	})
 }
 
 // baseEnv is the child's configuration: no send limit, short claims so a
 // killed broker's claims run out within the test, generous shutdown waits
-// (a busy machine answers pings late; a client that answers ends the wait).
+// (a busy machine answers pings late; a client that answers ends the wait),
+// logs at info, where the start line names the port the kernel picked (the
+// lines a connection adds are few next to the load's messages).
 func baseEnv(extra ...string) []string {
 	return append([]string{
-		"SEND_RATE_LIMIT_PER_MIN=0", "MAX_CONNECTIONS_PER_MESH=500", "LOG_LEVEL=warn",
+		"SEND_RATE_LIMIT_PER_MIN=0", "MAX_CONNECTIONS_PER_MESH=500", "LOG_LEVEL=info",
 		"CLAIM_LEASE_MS=1500", "CLAIM_REAP_INTERVAL_MS=100",
 		"SHUTDOWN_CONFIRM_MS=5000", "SHUTDOWN_TIMEOUT_MS=30000",
 	}, extra...)
 }
 
-// scenario is one broker, its database handle and its log.
+// scenario is one broker, its database handle and its seeded mesh; the
+// broker's log goes to the test log if the test fails.
 type scenario struct {
-	t    *testing.T
-	bin  string
-	port int
-	env  []string
-	db   *models.DB
-	mesh faultload.Mesh
-	log  *bytes.Buffer
-	logM sync.Mutex
+	t      *testing.T
+	broker *brokerproc.Broker
+	db     *models.DB
+	mesh   faultload.Mesh
 }
 
-type lockedWriter struct{ s *scenario }
-
-func (w lockedWriter) Write(p []byte) (int, error) {
-	w.s.logM.Lock()
-	defer w.s.logM.Unlock()
-	return w.s.log.Write(p)
-}
-
-func newScenario(t *testing.T, st storage, senders, receivers int, env []string) *scenario {
+func newScenario(t *testing.T, st brokerproc.Storage, senders, receivers int, env []string) *scenario {
 	t.Helper()
 	ctx := ctxFor(t, time.Minute)
-	db, err := faultload.OpenDB(ctx, st.databaseURL, st.dataDir)
+	db, err := faultload.OpenDB(ctx, st.DatabaseURL, st.DataDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,33 +73,18 @@ func newScenario(t *testing.T, st storage, senders, receivers int, env []string)
 	if err != nil {
 		t.Fatal(err)
 	}
-	port, err := faultload.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &scenario{t: t, bin: brokerBinary(t), port: port, env: append(st.env(), env...), db: db, mesh: mesh, log: &bytes.Buffer{}}
-	t.Cleanup(func() {
-		if t.Failed() {
-			s.logM.Lock()
-			out := s.log.Bytes()
-			if len(out) > 8000 {
-				out = out[len(out)-8000:]
-			}
-			t.Logf("broker log (tail):\n%s", out)
-			s.logM.Unlock()
-		}
-	})
-	return s
+	// Its cleanup kills the process before the database cleanups
+	// registered above run.
+	b := brokerproc.New(t, brokerproc.Options{Storage: st, Env: env})
+	return &scenario{t: t, broker: b, db: db, mesh: mesh}
 }
 
-func (s *scenario) start() *faultload.Broker {
+// start starts the broker, again on the same port after the first time,
+// and returns once /health/ready answers 200.
+func (s *scenario) start() *brokerproc.Broker {
 	s.t.Helper()
-	b, err := faultload.StartBroker(ctxFor(s.t, time.Minute), s.bin, s.port, s.env, lockedWriter{s})
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	s.t.Cleanup(b.Kill) // runs before the database cleanups registered earlier
-	return b
+	s.broker.Start()
+	return s.broker
 }
 
 func ctxFor(t *testing.T, d time.Duration) context.Context {
@@ -199,7 +123,7 @@ const (
 // runSignalled drives load, signals the broker, restarts it on the same
 // database and waits until every acked message was delivered and nothing
 // is left to push.
-func runSignalled(t *testing.T, st storage, sig syscall.Signal) faultload.Report {
+func runSignalled(t *testing.T, st brokerproc.Storage, sig syscall.Signal) faultload.Report {
 	began := time.Now()
 	phase := func(what string) { t.Logf("%6.1fs %s", time.Since(began).Seconds(), what) }
 	s := newScenario(t, st, senders, receivers, baseEnv())
@@ -217,10 +141,8 @@ func runSignalled(t *testing.T, st storage, sig syscall.Signal) faultload.Report
 	}
 	waitUntil(t, 2*time.Minute, "acked sends before the fault", func() bool { return load.Acked() >= ackedBeforeFault })
 	phase(fmt.Sprintf("%d acked: %s", load.Acked(), sig))
-	if err := b.Signal(sig); err != nil {
-		t.Fatal(err)
-	}
-	err := b.Wait(ctxFor(t, time.Minute))
+	b.Signal(sig)
+	err := b.Wait(time.Minute)
 	phase("broker exited")
 	if sig == syscall.SIGTERM && err != nil {
 		t.Errorf("SIGTERM: broker exited with %v", err)
@@ -253,7 +175,7 @@ func runSignalled(t *testing.T, st storage, sig syscall.Signal) faultload.Report
 // Issue 13 item 3: kill -9 under load, restart on the same database: not
 // one acked message lost, duplicates within 5 % of acked.
 func TestKillUnderLoad(t *testing.T) {
-	eachStorage(t, func(t *testing.T, st storage) {
+	eachStorage(t, func(t *testing.T, st brokerproc.Storage) {
 		r := runSignalled(t, st, syscall.SIGKILL)
 		if p := r.DuplicatePercent(); p > killDuplicateBound {
 			t.Errorf("duplicates %.2f%% of acked, bound %.0f%%", p, killDuplicateBound)
@@ -265,7 +187,7 @@ func TestKillUnderLoad(t *testing.T) {
 // loss, no duplicate for these ping-answering receivers, and every
 // committed send was acked before its socket closed.
 func TestSigtermUnderLoad(t *testing.T) {
-	eachStorage(t, func(t *testing.T, st storage) {
+	eachStorage(t, func(t *testing.T, st brokerproc.Storage) {
 		r := runSignalled(t, st, syscall.SIGTERM)
 		if r.Duplicates != 0 {
 			t.Errorf("%d duplicates after a graceful shutdown", r.Duplicates)
@@ -279,7 +201,7 @@ func TestSigtermUnderLoad(t *testing.T) {
 // Issue 13 item 2: a non-acking receiver that stops reading while its
 // claims run out, then drops and reconnects, gets every acked message.
 func TestFrozenReader(t *testing.T) {
-	eachStorage(t, func(t *testing.T, st storage) {
+	eachStorage(t, func(t *testing.T, st brokerproc.Storage) {
 		s := newScenario(t, st, 1, 1, baseEnv("CLAIM_LEASE_MS=300", "CLAIM_REAP_INTERVAL_MS=20"))
 		b := s.start()
 		ctx := ctxFor(t, 2*time.Minute)

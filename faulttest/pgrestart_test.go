@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/claudemesh/meshbroker/internal/brokerproc"
 	"github.com/claudemesh/meshbroker/internal/faultload"
 )
 
@@ -90,9 +91,7 @@ func startPrivatePostgres(t *testing.T) *privatePostgres {
 		}
 		p.asUser = true
 	}
-	if p.port, err = faultload.FreePort(); err != nil {
-		t.Fatal(err)
-	}
+	p.port = brokerproc.FreePort(t) // pg_ctl needs it named up front
 	p.run(t, initdb, "-D", p.dataDir, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
 	// fsync off: this cluster tests the broker's handling of a restart, not
 	// Postgres's durability, and the machine is busy.
@@ -122,7 +121,7 @@ func (p *privatePostgres) restart(t *testing.T) {
 // ack), recovers by itself, and loses no acked message.
 func TestPostgresRestartUnderLoad(t *testing.T) {
 	pg := startPrivatePostgres(t)
-	s := newScenario(t, storage{databaseURL: pg.URL()}, senders, receivers, baseEnv())
+	s := newScenario(t, brokerproc.Storage{DataDir: t.TempDir(), DatabaseURL: pg.URL()}, senders, receivers, baseEnv())
 	b := s.start()
 	load := faultload.NewLoad(b.URL(), s.mesh, ratePerSender, window)
 	load.Reconnect = true
@@ -158,10 +157,7 @@ func TestPostgresRestartUnderLoad(t *testing.T) {
 			t.Errorf("%d sends answered %q, want only the retryable \"message not stored, retry\"", n, what)
 		}
 	}
-	if err := b.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Wait(ctxFor(t, time.Minute)); err != nil {
+	if err := b.Stop(syscall.SIGTERM, time.Minute); err != nil {
 		t.Errorf("SIGTERM after the restart: %v", err)
 	}
 }
