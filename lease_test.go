@@ -56,8 +56,8 @@ func TestSilentReattachSession(t *testing.T) {
 	daemon := b.connect(f.a, client.Options{SessionID: "daemon"})
 	sess := client.NewSession()
 	s := b.connect(f.a, client.Options{Session: &sess, SessionID: "claude-1"})
-	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
-	waitFor(t, 2*time.Second, "audit joins", func() bool { return b.auditCount(f.meshID, "peer_joined") == 3 })
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_joined"))
+	waitFor(t, 10*time.Second, "audit joins", func() bool { return b.auditCount(f.meshID, "peer_joined") == 3 })
 	before := b.presence.MeshCount(f.meshID)
 	closedAt := time.Now()
 
@@ -67,7 +67,7 @@ func TestSilentReattachSession(t *testing.T) {
 	if err != nil || !ack.Queued {
 		t.Fatalf("DM during grace: %+v %v", ack, err)
 	}
-	waitFor(t, 2*time.Second, "peer_state saved at close", func() bool {
+	waitFor(t, 10*time.Second, "peer_state saved at close", func() bool {
 		var seen []*time.Time
 		b.query(&seen, "SELECT last_seen_at FROM {peer_state} WHERE member_id = ?", f.a.MemberID)
 		return len(seen) == 1 && seen[0] != nil && !seen[0].Before(closedAt.Add(-time.Second))
@@ -85,7 +85,7 @@ func TestSilentReattachSession(t *testing.T) {
 	if _, ok := raw["memberProfile"]; ok {
 		t.Fatalf("silent session reattach ack has memberProfile: %s", again.AckRaw)
 	}
-	p := decodePush(t, waitFrame(t, again, 2*time.Second, isMessage))
+	p := decodePush(t, waitFrame(t, again, 10*time.Second, isMessage))
 	if p.MessageID != ack.MessageID {
 		t.Fatalf("got %s want %s", p.MessageID, ack.MessageID)
 	}
@@ -104,7 +104,7 @@ func TestSilentReattachSession(t *testing.T) {
 	if rows != 1 || b.presence.MeshCount(f.meshID) != before {
 		t.Fatalf("reattach inserted a row (%d) or moved the count", rows)
 	}
-	waitFor(t, 2*time.Second, "restorePresence", func() bool {
+	waitFor(t, 10*time.Second, "restorePresence", func() bool {
 		disc, ping := b.presenceRow(s.HelloAck.PresenceID)
 		return disc == nil && !ping.Before(closedAt.Add(-time.Millisecond))
 	})
@@ -162,7 +162,7 @@ func TestLeaseExpiresOnce(t *testing.T) {
 	sess := client.NewSession()
 	s := b.connect(f.a, client.Options{Session: &sess})
 	s.Kill()
-	left := decodePush(t, waitFrame(t, bob, 2*time.Second, isEvent("peer_left")))
+	left := decodePush(t, waitFrame(t, bob, 10*time.Second, isEvent("peer_left")))
 	var data struct{ Name, Pubkey string }
 	_ = json.Unmarshal(left.EventData, &data)
 	if data.Pubkey != sess.Pubkey() || data.Name != "alice" {
@@ -177,7 +177,7 @@ func TestLeaseExpiresOnce(t *testing.T) {
 	if disc, _ := b.presenceRow(s.HelloAck.PresenceID); disc == nil {
 		t.Fatal("eviction did not set disconnected_at")
 	}
-	waitFor(t, 2*time.Second, "audit peer_left", func() bool { return b.auditCount(f.meshID, "peer_left") == 1 })
+	waitFor(t, 10*time.Second, "audit peer_left", func() bool { return b.auditCount(f.meshID, "peer_left") == 1 })
 	if cleanups.Load() != 1 {
 		t.Fatalf("cleanup ran %d times", cleanups.Load())
 	}
@@ -200,12 +200,12 @@ func TestSweeperAndRestorePresence(t *testing.T) {
 	s := b.connect(f.a, client.Options{Session: &sess})
 	s.Kill()
 	b.exec("UPDATE {presence} SET last_ping_at = ? WHERE id = ?", time.Now().UTC().Add(-120*time.Second), s.HelloAck.PresenceID)
-	waitFor(t, 2*time.Second, "sweeper", func() bool { d, _ := b.presenceRow(s.HelloAck.PresenceID); return d != nil })
+	waitFor(t, 10*time.Second, "sweeper", func() bool { d, _ := b.presenceRow(s.HelloAck.PresenceID); return d != nil })
 	again := b.connect(f.a, client.Options{Session: &sess})
 	if again.HelloAck.PresenceID != s.HelloAck.PresenceID {
 		t.Fatal("no reattach")
 	}
-	waitFor(t, 2*time.Second, "restorePresence", func() bool { d, _ := b.presenceRow(s.HelloAck.PresenceID); return d == nil })
+	waitFor(t, 10*time.Second, "restorePresence", func() bool { d, _ := b.presenceRow(s.HelloAck.PresenceID); return d == nil })
 }
 
 // Scenario 15 and the design's third case: a client that stops answering
@@ -273,7 +273,7 @@ func TestEveryPriorityDuringGrace(t *testing.T) {
 	}
 	again := b.connect(f.a, client.Options{Session: &sess})
 	for i, want := range ids {
-		if p := decodePush(t, waitFrame(t, again, 2*time.Second, isMessage)); p.MessageID != want {
+		if p := decodePush(t, waitFrame(t, again, 10*time.Second, isMessage)); p.MessageID != want {
 			t.Fatalf("push %d is %s, want %s", i, p.MessageID, want)
 		}
 	}
@@ -289,7 +289,7 @@ func TestTakeoverWhileOnline(t *testing.T) {
 	bob := b.connect(f.b, client.Options{})
 	sess := client.NewSession()
 	x := b.connect(f.a, client.Options{Session: &sess, SessionID: "s"})
-	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_joined"))
 	y := b.connect(f.a, client.Options{Session: &sess, SessionID: "s"})
 	<-x.Done()
 	if ce := x.CloseError(); ce == nil || ce.Code != 1000 || ce.Text != "session_replaced" {
@@ -318,7 +318,7 @@ func TestTwoSessionsOneInGrace(t *testing.T) {
 	c2 := b.connect(f.a, client.Options{Session: &s2})
 	c1.Kill()
 	ack, _ := bob.Send(ctxT(t), client.SendRequest{TargetSpec: f.a.Pubkey(), Priority: "now", Nonce: "", Ciphertext: "x"})
-	if p := decodePush(t, waitFrame(t, c2, 2*time.Second, isMessage)); p.MessageID != ack.MessageID {
+	if p := decodePush(t, waitFrame(t, c2, 10*time.Second, isMessage)); p.MessageID != ack.MessageID {
 		t.Fatal("member-key DM not delivered to the live session")
 	}
 	back := b.connect(f.a, client.Options{Session: &s1})
@@ -397,7 +397,7 @@ func reattachRacingEvictionRound(t *testing.T, b *testBroker, f fixture, bob *cl
 	t.Helper()
 	sess := client.NewSession()
 	s := b.connect(f.a, client.Options{Session: &sess})
-	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_joined"))
 	s.Kill()
 	time.Sleep(lease - 15*time.Millisecond + time.Duration(i)*time.Millisecond)
 	again := b.connect(f.a, client.Options{Session: &sess})
@@ -416,7 +416,7 @@ func reattachRacingEvictionRound(t *testing.T, b *testBroker, f fixture, bob *cl
 		t.Fatalf("round %d: silent=%v events=%v", i, silent, kinds)
 	}
 	again.Kill()
-	waitFrame(t, bob, 2*time.Second, isEvent("peer_left"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_left"))
 }
 
 // H7 and the design's sixth case: a resume token reattaches without the
@@ -429,7 +429,7 @@ func TestResumeToken(t *testing.T) {
 	bob := b.connect(f.b, client.Options{})
 	sess := client.NewSession()
 	s := b.connect(f.a, client.Options{Session: &sess})
-	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_joined"))
 	token := s.HelloAck.ResumeToken
 	if !strings.HasPrefix(token, "mesh-resume.v1.") {
 		t.Fatalf("no resume token in %s", s.AckRaw)
@@ -485,7 +485,7 @@ func TestReattachOfRevokedMemberEnds(t *testing.T) {
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	sess, pid := b.graceSession(f.a)
-	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_joined"))
 
 	b.exec("UPDATE {member} SET revoked_at = ? WHERE id = ?", time.Now().UTC(), f.a.MemberID)
 	b.advance(10 * time.Second) // past the member cache: the check reads the database
@@ -497,7 +497,7 @@ func TestReattachOfRevokedMemberEnds(t *testing.T) {
 	if ce := again.CloseError(); ce == nil || ce.Code != 4002 {
 		t.Fatalf("close %+v, want 4002", ce)
 	}
-	waitFrame(t, bob, 2*time.Second, isEvent("peer_left"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_left"))
 	if got := collect(bob, 200*time.Millisecond, isEvent("peer_left")); len(got) != 0 {
 		t.Fatalf("peer_left announced %d more times", len(got))
 	}
@@ -524,7 +524,7 @@ func TestPeerStateStatsAddUpAcrossSessions(t *testing.T) {
 	}
 	wg.Wait()
 	var got string
-	waitFor(t, 5*time.Second, "all eight saves", func() bool {
+	waitFor(t, 10*time.Second, "all eight saves", func() bool {
 		var rows []string
 		b.query(&rows, "SELECT cumulative_stats FROM {peer_state} WHERE member_id = ?", f.a.MemberID)
 		if len(rows) != 1 {
@@ -578,16 +578,16 @@ func reattachEnded(t *testing.T, b *testBroker, c *client.Client, pid string, co
 	if c.HelloAck.PresenceID != pid {
 		t.Fatalf("reattach got presence %s, want %s", c.HelloAck.PresenceID, pid)
 	}
-	fr := waitFrame(t, c, 2*time.Second, func(f client.Frame) bool { return f.Type == "error" })
+	fr := waitFrame(t, c, 10*time.Second, func(f client.Frame) bool { return f.Type == "error" })
 	var e protocol.ErrorFrame
 	if err := fr.Decode(&e); err != nil || e.Code != code {
 		t.Fatalf("error frame %s, want code %s", fr.Raw, code)
 	}
 	select {
 	case <-c.Done():
-	case <-time.After(2 * time.Second):
+	case <-time.After(10 * time.Second):
 		t.Fatal("socket not closed")
 	}
-	waitFor(t, 2*time.Second, "presence ended", func() bool { return b.presence.Get(pid) == nil })
+	waitFor(t, 10*time.Second, "presence ended", func() bool { return b.presence.Get(pid) == nil })
 	return e
 }

@@ -405,7 +405,7 @@ func ctxT(t *testing.T) context.Context {
 // (its lease is offline), as a member-key reattach needs.
 func (b *testBroker) waitOffline(presenceID string) {
 	b.t.Helper()
-	waitFor(b.t, 5*time.Second, "lease offline", func() bool {
+	waitFor(b.t, 10*time.Second, "lease offline", func() bool {
 		c := b.presence.Get(presenceID)
 		return c != nil && !b.presence.Online(c)
 	})

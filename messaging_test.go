@@ -86,7 +86,7 @@ func TestDirectMessageLifecycle(t *testing.T) {
 	if err != nil || ack.ID != "x1" || !ack.Queued || len(ack.MessageID) != 32 || ack.Error != "" {
 		t.Fatalf("ack %+v %v", ack, err)
 	}
-	f := waitFrame(t, m.b1, 2*time.Second, isMessage)
+	f := waitFrame(t, m.b1, 10*time.Second, isMessage)
 	want := fmt.Sprintf(`{"type":"push","messageId":%q,"meshId":%q,"senderPubkey":%q,"priority":"now","nonce":%q,"ciphertext":%q,"createdAt":`,
 		ack.MessageID, m.meshID, m.sa1.Pubkey(), n, c)
 	if !strings.HasPrefix(string(f.Raw), want) || strings.Count(string(f.Raw), ",") != 7 {
@@ -113,7 +113,7 @@ func TestDirectMessageLifecycle(t *testing.T) {
 		t.Fatal("foreign ack closed the row")
 	}
 	_ = m.b1.ClientAck(ack.MessageID, "")
-	waitFor(t, 2*time.Second, "delivered_at", func() bool { return b.row(ack.MessageID).DeliveredAt != nil })
+	waitFor(t, 10*time.Second, "delivered_at", func() bool { return b.row(ack.MessageID).DeliveredAt != nil })
 	// Another DM makes b1 drain again: the acked one is not pushed twice.
 	dm(t, m.a1, m.sa1, m.sb1, "now", "second")
 	for _, f := range collect(m.b1, 200*time.Millisecond, isMessage) {
@@ -138,7 +138,7 @@ func TestNonAckingClientExactlyOnce(t *testing.T) {
 	})
 	m := b.msgFixture()
 	first := dm(t, m.a1, m.sa1, m.sb1, "now", "one")
-	waitFrame(t, m.b1, 2*time.Second, isMessage)
+	waitFrame(t, m.b1, 10*time.Second, isMessage)
 	waitFor(t, 15*time.Second, "delivered at claim expiry", func() bool { return b.row(first.MessageID).DeliveredAt != nil })
 	dm(t, m.a1, m.sa1, m.sb1, "now", "two")
 	seen := map[string]int{}
@@ -158,15 +158,15 @@ func TestAckingClientRedeliveredOnNextConnection(t *testing.T) {
 	m := b.msgFixture()
 	_ = m.b1.ClientAck("", "warm-up") // marks b1 as a client that acks
 	ack := dm(t, m.a1, m.sa1, m.sb1, "now", "important")
-	waitFrame(t, m.b1, 2*time.Second, isMessage)
+	waitFrame(t, m.b1, 10*time.Second, isMessage)
 	m.b1.Kill() // dies before acking
 	again := b.connect(m.b, client.Options{Session: &m.sb1, SessionID: "b1"})
-	p := decodePush(t, waitFrame(t, again, 2*time.Second, isMessage))
+	p := decodePush(t, waitFrame(t, again, 10*time.Second, isMessage))
 	if p.MessageID != ack.MessageID {
 		t.Fatalf("got %s, want the unacked %s again", p.MessageID, ack.MessageID)
 	}
 	_ = again.ClientAck(p.MessageID, "")
-	waitFor(t, 2*time.Second, "delivered", func() bool { return b.row(ack.MessageID).DeliveredAt != nil })
+	waitFor(t, 10*time.Second, "delivered", func() bool { return b.row(ack.MessageID).DeliveredAt != nil })
 }
 
 // 02 §12 scenario 5: 50 DMs to B's member key reach B's connections exactly
@@ -254,7 +254,7 @@ func TestPriorityGate(t *testing.T) {
 		t.Fatalf("working peer got %d pushes", len(got))
 	}
 	postHook(t, b, `{"cwd":"/b1","status":"idle"}`)
-	if p := decodePush(t, waitFrame(t, m.b1, 2*time.Second, isMessage)); p.MessageID != held.MessageID {
+	if p := decodePush(t, waitFrame(t, m.b1, 10*time.Second, isMessage)); p.MessageID != held.MessageID {
 		t.Fatalf("released %s, want %s", p.MessageID, held.MessageID)
 	}
 	// dnd (manual) is not cleared by a hook.
@@ -267,7 +267,7 @@ func TestPriorityGate(t *testing.T) {
 	}
 	// S3: a manual relax drains.
 	_ = m.b1.WriteJSON(map[string]any{"type": "set_status", "status": "idle"})
-	waitFrame(t, m.b1, 2*time.Second, isMessage)
+	waitFrame(t, m.b1, 10*time.Second, isMessage)
 }
 
 // 02 §12 scenario 8: broadcast reaches every other member's visible
@@ -288,7 +288,7 @@ func TestBroadcast(t *testing.T) {
 				t.Fatal(ack, err)
 			}
 			for _, c := range []*client.Client{m.b1, m.bd, m.c1} {
-				f := waitFrame(t, c, 2*time.Second, isMessage)
+				f := waitFrame(t, c, 10*time.Second, isMessage)
 				p := decodePush(t, f)
 				if p.MessageID != ack.MessageID || p.SenderMemberPubkey != m.a.Pubkey() || p.SenderName != "alice" || p.SenderPubkey != m.sa1.Pubkey() || p.Topic != "" {
 					t.Fatalf("multicast push %s", f.Raw)
@@ -320,7 +320,7 @@ func TestGroupExactMatch(t *testing.T) {
 	_, _ = m.b1.ListPeers(ctxT(t))
 	_, _ = m.c1.ListPeers(ctxT(t))
 	ack, _ := m.a1.Send(ctxT(t), client.SendRequest{TargetSpec: "@eng", Nonce: "", Ciphertext: "x"})
-	if p := decodePush(t, waitFrame(t, m.b1, 2*time.Second, isMessage)); p.MessageID != ack.MessageID || p.Priority != "next" {
+	if p := decodePush(t, waitFrame(t, m.b1, 10*time.Second, isMessage)); p.MessageID != ack.MessageID || p.Priority != "next" {
 		t.Fatalf("group push %+v", p)
 	}
 	for _, c := range []*client.Client{m.c1, m.b2, m.bd} {
@@ -369,7 +369,7 @@ func TestSendRejections(t *testing.T) {
 			if err := m.a1.WriteJSON(tt.frame); err != nil {
 				t.Fatal(err)
 			}
-			f := waitFrame(t, m.a1, 2*time.Second, func(f client.Frame) bool { return f.Type == "ack" })
+			f := waitFrame(t, m.a1, 10*time.Second, func(f client.Frame) bool { return f.Type == "ack" })
 			var ack protocol.Ack
 			_ = f.Decode(&ack)
 			if ack.ID != "m-"+tt.name || ack.Queued || ack.MessageID != "" || ack.Error != tt.err {
@@ -444,7 +444,7 @@ func TestGrants(t *testing.T) {
 	if !bc.Queued {
 		t.Fatal("broadcast refused")
 	}
-	waitFrame(t, m.c1, 2*time.Second, isMessage)
+	waitFrame(t, m.c1, 10*time.Second, isMessage)
 	for _, c := range []*client.Client{m.b1, m.b2, m.bd} {
 		if len(collect(c, 100*time.Millisecond, isMessage)) != 0 {
 			t.Fatal("denied recipient got the broadcast")
@@ -492,7 +492,7 @@ func TestMessageStatus(t *testing.T) {
 	b := startTestBroker(t)
 	m := b.msgFixture()
 	ack := dm(t, m.a1, m.sa1, m.sb1, "now", "x")
-	waitFrame(t, m.b1, 2*time.Second, isMessage)
+	waitFrame(t, m.b1, 10*time.Second, isMessage)
 	f, err := m.a1.Request(ctxT(t), map[string]any{"type": "message_status", "messageId": ack.MessageID[:8]})
 	if err != nil {
 		t.Fatal(err)
@@ -504,7 +504,7 @@ func TestMessageStatus(t *testing.T) {
 		t.Fatalf("%s", f.Raw)
 	}
 	_ = m.b1.ClientAck(ack.MessageID, "")
-	waitFor(t, 2*time.Second, "delivered", func() bool { return b.row(ack.MessageID).DeliveredAt != nil })
+	waitFor(t, 10*time.Second, "delivered", func() bool { return b.row(ack.MessageID).DeliveredAt != nil })
 	f, _ = m.a1.Request(ctxT(t), map[string]any{"type": "message_status", "messageId": ack.MessageID})
 	_ = f.Decode(&res)
 	if !res.Delivered || res.DeliveredAt == nil || res.Recipients[0].Status != "delivered" {
@@ -546,7 +546,7 @@ func TestTopics(t *testing.T) {
 		t.Fatalf("%s", f.Raw)
 	}
 	_ = m.b1.WriteJSON(map[string]any{"type": "topic_join", "topic": "nope", "_reqId": "tj1"})
-	ef := waitFrame(t, m.b1, 2*time.Second, func(f client.Frame) bool { return f.Type == "error" })
+	ef := waitFrame(t, m.b1, 10*time.Second, func(f client.Frame) bool { return f.Type == "error" })
 	if !strings.Contains(string(ef.Raw), `"code":"topic_not_found"`) || !strings.Contains(string(ef.Raw), `"id":"tj1"`) {
 		t.Fatalf("%s", ef.Raw)
 	}
@@ -555,7 +555,7 @@ func TestTopics(t *testing.T) {
 		t.Fatalf("%+v", ack)
 	}
 	for _, c := range []*client.Client{m.b1, m.b2, m.bd} {
-		p := decodePush(t, waitFrame(t, c, 2*time.Second, isMessage))
+		p := decodePush(t, waitFrame(t, c, 10*time.Second, isMessage))
 		if p.Topic != "ops" || p.MessageID == ack.MessageID {
 			t.Fatalf("topic push %+v", p)
 		}
@@ -573,7 +573,7 @@ func TestTopics(t *testing.T) {
 		t.Fatalf("%+v", bad)
 	}
 	_ = m.b1.WriteJSON(map[string]any{"type": "topic_leave", "topic": tc.Topic.ID})
-	waitFor(t, 2*time.Second, "membership removed", func() bool {
+	waitFor(t, 10*time.Second, "membership removed", func() bool {
 		var k int64
 		b.query(&k, "SELECT count(*) FROM {topic_member} WHERE topic_id = ? AND member_id = ?", tc.Topic.ID, m.b.MemberID)
 		return k == 0
@@ -591,7 +591,7 @@ func TestAckedMessageSurvivesRestart(t *testing.T) {
 	b.stop()
 	b2 := reopen(t, b)
 	back := b2.connect(m.b, client.Options{Session: &m.sb1, SessionID: "b1"})
-	p := decodePush(t, waitFrame(t, back, 3*time.Second, isMessage))
+	p := decodePush(t, waitFrame(t, back, 10*time.Second, isMessage))
 	if p.MessageID != ack.MessageID {
 		t.Fatalf("got %s want %s", p.MessageID, ack.MessageID)
 	}
@@ -688,11 +688,11 @@ func TestInflightReleasedAtShutdown(t *testing.T) {
 	_ = m.b1.ClientAck("", "warm-up")
 	_, _ = m.b1.ListPeers(ctxT(t)) // the ack above is processed
 	ack := dm(t, m.a1, m.sa1, m.sb1, "now", "in flight")
-	waitFrame(t, m.b1, 2*time.Second, isMessage) // pushed, never acked
+	waitFrame(t, m.b1, 10*time.Second, isMessage) // pushed, never acked
 	b.stop()
 	b2 := reopen(t, b)
 	back := b2.connect(m.b, client.Options{Session: &m.sb1, SessionID: "b1"})
-	if p := decodePush(t, waitFrame(t, back, 2*time.Second, isMessage)); p.MessageID != ack.MessageID {
+	if p := decodePush(t, waitFrame(t, back, 10*time.Second, isMessage)); p.MessageID != ack.MessageID {
 		t.Fatalf("got %s, want %s", p.MessageID, ack.MessageID)
 	}
 }
