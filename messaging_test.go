@@ -663,7 +663,7 @@ func TestNoDuplicatesUnderLoad(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	waitFor(t, 10*time.Second, "all DMs delivered", func() bool {
+	waitFor(t, 60*time.Second, "all DMs delivered", func() bool { // a thousand sends, a third of them to 20 sockets
 		var n int64
 		b.query(&n, "SELECT count(*) FROM {message_queue} WHERE mesh_id = ? AND delivered_at IS NULL", f.meshID)
 		return n == 0

@@ -426,7 +426,7 @@ func TestRealtimeReattachKeepsEverything(t *testing.T) {
 		}
 	}
 	start := time.Now()
-	if res := rtCallNow(t, bob, "X"); !strings.HasPrefix(res.Error, "host_unavailable") || time.Since(start) > time.Second {
+	if res := rtCallNow(t, bob, "X"); !strings.HasPrefix(res.Error, "host_unavailable") || time.Since(start) > 10*time.Second { // not the 30 s call timeout
 		t.Fatalf("call during grace: %+v after %v", res, time.Since(start))
 	}
 	// 12: the clock keeps ticking.
@@ -521,7 +521,7 @@ func TestRealtimeEvictionCleansUpOnce(t *testing.T) {
 	if len(list) != 1 || y == nil || y.Online || y.OfflineSince == "" {
 		t.Fatalf("mcp_list after eviction: %+v", list)
 	}
-	if since, err := time.Parse(protocol.ISOLayout, y.OfflineSince); err != nil || since.Sub(evictedAt) > 3*time.Second || since.Before(evictedAt) {
+	if since, err := time.Parse(protocol.ISOLayout, y.OfflineSince); err != nil || since.Sub(evictedAt) > 10*time.Second || since.Before(evictedAt) {
 		t.Fatalf("offlineSince %s, socket killed at %s", y.OfflineSince, evictedAt.UTC().Format(protocol.ISOLayout))
 	}
 	br.none(0, "mcp_unregistered", isEvent("mcp_unregistered"))
@@ -1375,7 +1375,7 @@ func TestRealtimeRestartKeepsEverything(t *testing.T) {
 	bob2 := b2.connect(f.b, client.Options{SessionID: "b1"})
 	br2 := rtRecord(t, bob2)
 	start := time.Now()
-	if res := rtCallNow(t, bob2, "X"); !strings.HasPrefix(res.Error, "host_unavailable") || time.Since(start) > time.Second {
+	if res := rtCallNow(t, bob2, "X"); !strings.HasPrefix(res.Error, "host_unavailable") || time.Since(start) > 10*time.Second { // not the 30 s call timeout
 		t.Fatalf("call before the host is back: %+v after %v", res, time.Since(start))
 	}
 	if st := rtClock(t, bob2, map[string]any{"type": "get_clock"}); st.Paused || st.Speed != 100 || st.Tick < stoppedAt.Tick {
