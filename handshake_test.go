@@ -272,7 +272,8 @@ func TestSessionHelloRejections(t *testing.T) {
 // reattach of one's own lease.
 func TestCapacity(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, func(c *config.Config) { c.MaxConnectionsPerMesh = 1 })
+	// The reattach must land inside the lease, after a refused hello.
+	b := startTestBroker(t, withLease(30*time.Second), func(c *config.Config) { c.MaxConnectionsPerMesh = 1 })
 	f := b.fixture()
 	sess := client.NewSession()
 	a := b.connect(f.a, client.Options{Session: &sess})

@@ -16,7 +16,7 @@ import (
 // be admitted nor yield a resume token that takes the victim's lease.
 func TestMemberHelloCannotResumeAnotherMembersSession(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(5*time.Second))
+	b := startTestBroker(t, withLease(30*time.Second))
 	f := b.fixture()
 	carol := b.connect(f.c, client.Options{})
 	sess := client.NewSession()
@@ -61,7 +61,7 @@ func TestMemberHelloCannotResumeAnotherMembersSession(t *testing.T) {
 // on its own signature, as a fresh hello.
 func TestResumeTokenBoundToProvenKey(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(5*time.Second))
+	b := startTestBroker(t, withLease(30*time.Second))
 	f := b.fixture()
 	sess := client.NewSession()
 	s := b.connect(f.a, client.Options{Session: &sess})

@@ -184,7 +184,9 @@ func TestReferenceDatabaseRestoresNothing(t *testing.T) {
 // enters grace and comes back, deleted when it is evicted.
 func TestLeaseRowFollowsPresence(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(2*time.Second))
+	// The grace row must be seen before the lease runs out: it is flushed
+	// every LeaseFlush after the broker sees the socket go.
+	b := startTestBroker(t, withLease(10*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	sess := client.NewSession()
@@ -195,7 +197,7 @@ func TestLeaseRowFollowsPresence(t *testing.T) {
 	}
 	s.Kill()
 	waitFor(t, 10*time.Second, "grace flushed", func() bool { return b.leaseState(pid) == "grace" })
-	waitFrame(t, bob, 10*time.Second, isEvent("peer_left"))
+	waitFrame(t, bob, 30*time.Second, isEvent("peer_left"))
 	// peer_left goes out first, then the rows are ended.
 	waitFor(t, 10*time.Second, "rows ended at eviction", func() bool {
 		disc, _ := b.presenceRow(pid)

@@ -117,9 +117,10 @@ func TestSilentReattachSession(t *testing.T) {
 // session id is a fresh presence and the old lease later leaves.
 func TestSilentReattachMember(t *testing.T) {
 	t.Parallel()
-	// The reconnect must land inside the lease: 300 ms was less than a
-	// hello took on a busy machine, so the lease is 3 s.
-	b := startTestBroker(t, withLease(3*time.Second))
+	// The reconnect must land inside the lease: 300 ms, then 3 s, were less
+	// than a kill, an offline wait and a hello took on a busy machine. The
+	// old lease must still run out within the wait for peer_left below.
+	b := startTestBroker(t, withLease(10*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	d := b.connect(f.a, client.Options{SessionID: "daemon-1"})
@@ -137,7 +138,7 @@ func TestSilentReattachMember(t *testing.T) {
 	}
 	// The old lease may run out before the new hello completes on a busy
 	// machine, so the two events come in either order.
-	events := waitEvents(t, bob, 30*time.Second, "peer_returned", "peer_left")
+	events := waitEvents(t, bob, 60*time.Second, "peer_returned", "peer_left")
 	left := decodePush(t, events["peer_left"])
 	if !json.Valid(left.EventData) {
 		t.Fatal(left)
@@ -194,7 +195,8 @@ func TestLeaseExpiresOnce(t *testing.T) {
 // clears it again.
 func TestSweeperAndRestorePresence(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(5*time.Second), func(c *config.Config) { c.StaleSweep = 20 * time.Millisecond })
+	// The reattach must land inside the lease, after the sweeper's wait.
+	b := startTestBroker(t, withLease(30*time.Second), func(c *config.Config) { c.StaleSweep = 20 * time.Millisecond })
 	f := b.fixture()
 	sess := client.NewSession()
 	s := b.connect(f.a, client.Options{Session: &sess})
@@ -253,7 +255,8 @@ func TestStalledClientWatchdog(t *testing.T) {
 // status would hold next and low.
 func TestEveryPriorityDuringGrace(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(3*time.Second))
+	// The reattach must land inside the lease, after five sends.
+	b := startTestBroker(t, withLease(30*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	sess, _ := b.graceSession(f.a) // the broker has seen the socket go
@@ -424,7 +427,7 @@ func reattachRacingEvictionRound(t *testing.T, b *testBroker, f fixture, bob *cl
 // is judged on its own.
 func TestResumeToken(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(5*time.Second))
+	b := startTestBroker(t, withLease(30*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	sess := client.NewSession()
@@ -481,7 +484,7 @@ func TestResumeToken(t *testing.T) {
 // and the presence ends, announced once.
 func TestReattachOfRevokedMemberEnds(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(5*time.Second))
+	b := startTestBroker(t, withLease(30*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	sess, pid := b.graceSession(f.a)
@@ -545,7 +548,7 @@ func TestPeerStateStatsAddUpAcrossSessions(t *testing.T) {
 // was away is another member: the reattach is ended as unauthorized.
 func TestReattachOfRecreatedMemberEnds(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(5*time.Second))
+	b := startTestBroker(t, withLease(30*time.Second))
 	f := b.fixture()
 	sess, pid := b.graceSession(f.b)
 

@@ -154,9 +154,10 @@ func TestNonAckingClientExactlyOnce(t *testing.T) {
 // next connection.
 func TestAckingClientRedeliveredOnNextConnection(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t)
+	b := startTestBroker(t, withLease(30*time.Second)) // the next connection reattaches
 	m := b.msgFixture()
 	_ = m.b1.ClientAck("", "warm-up") // marks b1 as a client that acks
+	_, _ = m.b1.ListPeers(ctxT(t))    // the ack above is processed before the push's pong
 	ack := dm(t, m.a1, m.sa1, m.sb1, "now", "important")
 	waitFrame(t, m.b1, 10*time.Second, isMessage)
 	m.b1.Kill() // dies before acking
@@ -583,7 +584,9 @@ func TestTopics(t *testing.T) {
 // An acked message survives a broker restart between ack and drain (M2).
 func TestAckedMessageSurvivesRestart(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t)
+	// b1's lease must outlast the send and the restart: a DM to a session
+	// whose lease ran out is refused.
+	b := startTestBroker(t, withLease(30*time.Second))
 	m := b.msgFixture()
 	m.b1.Kill() // b1 in grace: the DM is stored, not claimed
 	b.waitOffline(m.b1.HelloAck.PresenceID)

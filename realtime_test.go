@@ -387,7 +387,8 @@ var uuidV4 = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-
 // frames are dropped, not replayed.
 func TestRealtimeReattachKeepsEverything(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 10*time.Second })
+	// The reattach must land inside the lease, after a dozen requests.
+	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 30*time.Second })
 	f := b.fixture()
 	target := rtServe(t, 200, "v1")
 	sess := client.NewSession()
@@ -585,7 +586,9 @@ func TestRealtimeEvictionCleansUpOnce(t *testing.T) {
 // paused until resume_clock.
 func TestClockAutoPausesWhenMeshEmpties(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, func(c *config.Config) { c.LeaseTTL = time.Second }) // longer than a tick at speed 100
+	// Several ticks (600 ms at speed 100) long, so a tick is seen while A
+	// is in grace.
+	b := startTestBroker(t, func(c *config.Config) { c.LeaseTTL = 3 * time.Second })
 	f := b.fixture()
 	a := b.connect(f.a, client.Options{SessionID: "a1"})
 	bob := b.connect(f.b, client.Options{SessionID: "b1"})
@@ -1351,7 +1354,8 @@ func TestRealtimeCloseLeavesNothingRunning(t *testing.T) {
 // there and works, and the clock continues from its tick.
 func TestRealtimeRestartKeepsEverything(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 10*time.Second })
+	// The reattach must land inside the restored lease, after a restart.
+	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 30*time.Second })
 	f := b.fixture()
 	target := rtServe(t, 200, "v1")
 	sess := client.NewSession()
@@ -1416,7 +1420,9 @@ func TestRealtimeRestartKeepsEverything(t *testing.T) {
 // is empty.
 func TestRealtimeRestoredLeaseEvictionCleansUp(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, time.Second })
+	// The restored lease must outlast the rest of the start and the checks
+	// just after it.
+	b := startTestBroker(t, func(c *config.Config) { c.WatchAllowPrivate, c.LeaseTTL = true, 5*time.Second })
 	f := b.fixture()
 	target := rtServe(t, 200, "v1")
 	sess := client.NewSession()
