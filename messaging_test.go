@@ -492,6 +492,11 @@ func TestMessageStatus(t *testing.T) {
 	t.Parallel()
 	b := startTestBroker(t)
 	m := b.msgFixture()
+	// b1 acks, so its row stays held until client_ack: a non-acking b1's
+	// row is closed by the pong that confirms the push (M3), which a busy
+	// machine answered before the message_status below.
+	_ = m.b1.ClientAck("", "warm-up")
+	_, _ = m.b1.ListPeers(ctxT(t))
 	ack := dm(t, m.a1, m.sa1, m.sb1, "now", "x")
 	waitFrame(t, m.b1, 10*time.Second, isMessage)
 	f, err := m.a1.Request(ctxT(t), map[string]any{"type": "message_status", "messageId": ack.MessageID[:8]})
