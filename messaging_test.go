@@ -141,7 +141,7 @@ func TestNonAckingClientExactlyOnce(t *testing.T) {
 	waitFrame(t, m.b1, 10*time.Second, isMessage)
 	waitFor(t, 15*time.Second, "delivered at claim expiry", func() bool { return b.row(first.MessageID).DeliveredAt != nil })
 	dm(t, m.a1, m.sa1, m.sb1, "now", "two")
-	seen := map[string]int{}
+	seen := map[string]int{decodePush(t, waitFrame(t, m.b1, 10*time.Second, isMessage)).MessageID: 1}
 	for _, f := range collect(m.b1, 500*time.Millisecond, isMessage) {
 		seen[decodePush(t, f).MessageID]++
 	}
@@ -197,20 +197,19 @@ func TestMemberTargetManyConnections(t *testing.T) {
 		want[a.MessageID] = true
 	}
 	seen := map[string]int{}
-	var mu sync.Mutex
-	var cw sync.WaitGroup
-	for _, c := range []*client.Client{m.b1, m.b2, m.bd} {
-		cw.Add(1)
-		go func() {
-			defer cw.Done()
-			for _, f := range collect(c, 700*time.Millisecond, isMessage) {
-				mu.Lock()
+	gather := func(d time.Duration) {
+		for _, c := range []*client.Client{m.b1, m.b2, m.bd} {
+			for _, f := range collect(c, d, isMessage) {
 				seen[decodePush(t, f).MessageID]++
-				mu.Unlock()
 			}
-		}()
+		}
 	}
-	cw.Wait()
+	// Every DM must arrive, however long that takes; then a while more
+	// for any second delivery.
+	for deadline := time.Now().Add(30 * time.Second); len(seen) < 50 && time.Now().Before(deadline); {
+		gather(20 * time.Millisecond)
+	}
+	gather(300 * time.Millisecond)
 	if len(seen) != 50 {
 		t.Fatalf("%d distinct messages delivered, want 50", len(seen))
 	}
@@ -250,7 +249,7 @@ func TestPriorityGate(t *testing.T) {
 		t.Fatal("not queued")
 	}
 	urgent := dm(t, m.a1, m.sa1, m.sb1, "now", "urgent")
-	got := collect(m.b1, 200*time.Millisecond, isMessage)
+	got := append([]client.Frame{waitFrame(t, m.b1, 10*time.Second, isMessage)}, collect(m.b1, 200*time.Millisecond, isMessage)...)
 	if len(got) != 1 || decodePush(t, got[0]).MessageID != urgent.MessageID {
 		t.Fatalf("working peer got %d pushes", len(got))
 	}
@@ -474,14 +473,22 @@ func TestIdempotentRetry(t *testing.T) {
 		t.Fatalf("reused id: %+v", third)
 	}
 	var pushes int
-	for _, c := range []*client.Client{m.b1, m.b2, m.bd} {
-		for _, f := range collect(c, 200*time.Millisecond, isMessage) {
-			if p := decodePush(t, f); p.ClientMessageID != "K" {
-				t.Fatalf("push lacks client_message_id: %s", f.Raw)
+	gather := func(d time.Duration) {
+		for _, c := range []*client.Client{m.b1, m.b2, m.bd} {
+			for _, f := range collect(c, d, isMessage) {
+				if p := decodePush(t, f); p.ClientMessageID != "K" {
+					t.Fatalf("push lacks client_message_id: %s", f.Raw)
+				}
+				pushes++
 			}
-			pushes++
 		}
 	}
+	// The push must arrive, however long that takes; then a while more
+	// for a second one.
+	for deadline := time.Now().Add(10 * time.Second); pushes == 0 && time.Now().Before(deadline); {
+		gather(20 * time.Millisecond)
+	}
+	gather(200 * time.Millisecond)
 	if pushes != 1 {
 		t.Fatalf("%d pushes", pushes)
 	}
