@@ -219,7 +219,7 @@ func TestShutdownUnderLoadAcksAndConfirms(t *testing.T) {
 			}
 		}()
 	}
-	waitFor(t, 20*time.Second, "traffic flowing", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) >= 300 })
+	waitFor(t, 60*time.Second, "traffic flowing", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) >= 300 })
 	b.stop()
 	senders.Wait()
 	<-readerDone
