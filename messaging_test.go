@@ -390,9 +390,10 @@ func TestSendRejections(t *testing.T) {
 // 02 §12 scenario 11: the per-member token bucket.
 func TestSendRateLimit(t *testing.T) {
 	t.Parallel()
-	// 6/min: a token every 10 s of the broker's clock, so the real time a
-	// busy machine takes to connect the sibling below refills nothing.
-	b := startTestBroker(t, func(c *config.Config) { c.SendRatePerMin, c.SendRateBurst = 6, 10 })
+	// 1/min: a token every 60 s of the broker's clock, so the real time a
+	// busy machine takes for the eleven sends and to connect the sibling
+	// below refills nothing (at 6/min, 10 s, a hello alone took 2 s).
+	b := startTestBroker(t, func(c *config.Config) { c.SendRatePerMin, c.SendRateBurst = 1, 10 })
 	m := b.msgFixture()
 	var mu sync.Mutex
 	var ok, limited int
@@ -424,7 +425,7 @@ func TestSendRateLimit(t *testing.T) {
 	if ack, _ := a2.Send(ctxT(t), client.SendRequest{TargetSpec: "*", Nonce: "", Ciphertext: ""}); ack.Queued {
 		t.Fatal("sibling has its own bucket")
 	}
-	b.advance(10 * time.Second) // one token refills every 10 s at 6/min
+	b.advance(time.Minute) // one token refills every 60 s at 1/min
 	if ack, _ := a2.Send(ctxT(t), client.SendRequest{TargetSpec: "*", Nonce: "", Ciphertext: ""}); !ack.Queued {
 		t.Fatalf("no refill: %+v", ack)
 	}
