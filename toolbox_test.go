@@ -683,6 +683,8 @@ func TestCronFiresOnEachTick(t *testing.T) {
 			t.Fatalf("tick %d fired %d extra messages", tick, len(extra))
 		}
 	}
+	// The audit log is written behind the fire.
+	waitFor(t, 10*time.Second, "three schedule_fired entries", func() bool { return b.auditCount(f.meshID, "schedule_fired") >= 3 })
 	if n := b.auditCount(f.meshID, "schedule_fired"); n != 3 {
 		t.Fatalf("%d schedule_fired entries, want 3", n)
 	}
