@@ -663,7 +663,8 @@ func TestCronFiresOnEachTick(t *testing.T) {
 	}
 	for tick := 1; tick <= 3; tick++ {
 		b.advance(next.Sub(b.now()) + time.Second) // just past the tick
-		if _, body := nextMessage(t, bob); body != "tick" {
+		fired, body := nextMessage(t, bob)
+		if body != "tick" {
 			t.Fatalf("tick %d body %q", tick, body)
 		}
 		waitFor(t, 10*time.Second, "the row to move on", func() bool {
@@ -680,7 +681,7 @@ func TestCronFiresOnEachTick(t *testing.T) {
 		next = now
 		// Nothing more fires before the next tick.
 		if extra := collect(bob, 100*time.Millisecond, isMessage); len(extra) != 0 {
-			t.Fatalf("tick %d fired %d extra messages", tick, len(extra))
+			t.Fatalf("tick %d fired %d extra messages (the tick's was %s), the first %s", tick, len(extra), fired.MessageID, extra[0].Raw)
 		}
 	}
 	// The audit log is written behind the fire.
