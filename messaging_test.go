@@ -597,8 +597,8 @@ func TestTopics(t *testing.T) {
 // An acked message survives a broker restart between ack and drain (M2).
 func TestAckedMessageSurvivesRestart(t *testing.T) {
 	t.Parallel()
-	// b1's lease must outlast the send and the restart: a DM to a session
-	// whose lease ran out is refused.
+	// b1's lease must outlast the send (a DM to a session whose lease ran
+	// out is refused) and, restored, the reconnect after the restart.
 	b := startTestBroker(t, withLease(30*time.Second))
 	m := b.msgFixture()
 	m.b1.Kill() // b1 in grace: the DM is stored, not claimed
