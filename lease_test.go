@@ -132,6 +132,14 @@ func TestSilentReattachMember(t *testing.T) {
 	}
 	again.Kill()
 	b.waitOffline(again.HelloAck.PresenceID)
+	// The fresh hello below is a return (peer_returned) once it finds the
+	// peer_state the closes save in the background; 90 ms after the close
+	// on a loaded Postgres it found none and was a plain join.
+	waitFor(t, 10*time.Second, "peer_state saved at close", func() bool {
+		var n int64
+		b.query(&n, "SELECT count(*) FROM {peer_state} WHERE member_id = ?", f.a.MemberID)
+		return n == 1
+	})
 	other := b.connect(f.a, client.Options{SessionID: "daemon-2"})
 	if other.HelloAck.PresenceID == d.HelloAck.PresenceID {
 		t.Fatal("another session id reattached")
