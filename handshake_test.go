@@ -395,6 +395,13 @@ func TestPeerStateRestore(t *testing.T) {
 	}
 	a.Close()
 	waitFrame(t, bob, 10*time.Second, isEvent("peer_left"))
+	// The close saves peer_state in the background; the hello restores
+	// only what it finds.
+	waitFor(t, 10*time.Second, "peer_state saved at close", func() bool {
+		var n int64
+		b.query(&n, "SELECT count(*) FROM {peer_state} WHERE member_id = ?", f.a.MemberID)
+		return n == 1
+	})
 	again := b.connect(f.a, client.Options{SessionID: "x2"})
 	ack := again.HelloAck
 	if !ack.Restored || ack.LastSeenAt == "" || len(ack.RestoredGroups) != 1 || ack.RestoredGroups[0].Name != "eng" || ack.LastSummary != "refactoring" {
