@@ -84,10 +84,10 @@ func TestMemberHelloEvictsForeignLabelOfItsKey(t *testing.T) {
 
 	select {
 	case <-squatter.Done():
-	case <-time.After(5 * time.Second):
+	case <-time.After(20 * time.Second):
 		carol := b.connect(f.c, client.Options{})
 		if _, err := squatter.SendSealed(ctxT(t), f.c.Pubkey(), pub(f.c.Key), "now", []byte("I am dave")); err == nil {
-			if p := decodePush(t, waitFrame(t, carol, 5*time.Second, isMessage)); p.SenderPubkey == davePub {
+			if p := decodePush(t, waitFrame(t, carol, 10*time.Second, isMessage)); p.SenderPubkey == davePub {
 				t.Fatal("bob still holds dave's key as his label: his push reached carol as dave's")
 			}
 		}
@@ -199,7 +199,7 @@ func TestAttacksThatHold(t *testing.T) {
 		if err := carol.WriteJSON(map[string]any{"type": verb, "topic": tc.Topic.ID, "_reqId": verb}); err != nil {
 			t.Fatal(err)
 		}
-		fr := waitFrame(t, carol, 5*time.Second, func(f client.Frame) bool {
+		fr := waitFrame(t, carol, 10*time.Second, func(f client.Frame) bool {
 			return f.Type == "error" || strings.HasPrefix(f.Type, "topic_")
 		})
 		var e protocol.ErrorFrame

@@ -20,7 +20,7 @@ func TestAuditOverSocket(t *testing.T) {
 	bob := b.connect(f.b, client.Options{})
 	// A join is audited just after its hello_ack goes out: wait for both,
 	// so the send below is the newest entry.
-	waitFor(t, 2*time.Second, "2 peer_joined rows", func() bool {
+	waitFor(t, 10*time.Second, "2 peer_joined rows", func() bool {
 		var k int64
 		b.query(&k, "SELECT count(*) FROM {audit_log} WHERE mesh_id = ? AND event_type = 'peer_joined'", f.meshID)
 		return k == 2
@@ -29,8 +29,8 @@ func TestAuditOverSocket(t *testing.T) {
 	if _, err := a.Send(ctxT(t), client.SendRequest{TargetSpec: f.b.Pubkey(), Nonce: n, Ciphertext: c}); err != nil {
 		t.Fatal(err)
 	}
-	waitFrame(t, bob, 2*time.Second, isMessage)
-	waitFor(t, 2*time.Second, "3 audit rows", func() bool {
+	waitFrame(t, bob, 10*time.Second, isMessage)
+	waitFor(t, 10*time.Second, "3 audit rows", func() bool {
 		var k int64
 		b.query(&k, "SELECT count(*) FROM {audit_log} WHERE mesh_id = ?", f.meshID)
 		return k == 3

@@ -137,7 +137,7 @@ func TestPongConfirmsPushDurably(t *testing.T) {
 	b := startTestBroker(t) // ClaimLease 30 s
 	m := b.msgFixture()
 	ack := dm(t, m.a1, m.sa1, m.sb1, "now", "confirm me")
-	if p := decodePush(t, waitFrame(t, m.b1, 5*time.Second, isMessage)); p.MessageID != ack.MessageID {
+	if p := decodePush(t, waitFrame(t, m.b1, 10*time.Second, isMessage)); p.MessageID != ack.MessageID {
 		t.Fatalf("got %s want %s", p.MessageID, ack.MessageID)
 	}
 	waitFor(t, 10*time.Second, "delivered_at set by the pong", func() bool { return b.row(ack.MessageID).DeliveredAt != nil })
@@ -160,7 +160,7 @@ func TestUnconfirmedPushReleasedOnClose(t *testing.T) {
 	if err != nil || !ack.Queued {
 		t.Fatalf("%+v %v", ack, err)
 	}
-	waitFrame(t, deaf, 5*time.Second, isMessage)
+	waitFrame(t, deaf, 10*time.Second, isMessage)
 	deaf.Kill()
 	back := b.connect(f.b, client.Options{Session: &sb, SessionID: "b"})
 	if p := decodePush(t, waitFrame(t, back, 10*time.Second, isMessage)); p.MessageID != ack.MessageID {
@@ -219,7 +219,7 @@ func TestShutdownUnderLoadAcksAndConfirms(t *testing.T) {
 			}
 		}()
 	}
-	waitFor(t, 20*time.Second, "traffic flowing", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) >= 300 })
+	waitFor(t, 60*time.Second, "traffic flowing", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) >= 300 })
 	b.stop()
 	senders.Wait()
 	<-readerDone

@@ -187,7 +187,7 @@ func reconnecting(t *testing.T, b *testBroker, p *tcpProxy, id client.Identity, 
 
 func recvT(t *testing.T, c *client.Client) client.Message {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	m, err := c.Receive(ctx)
 	if err != nil {
@@ -238,7 +238,7 @@ func TestGoClientReceive(t *testing.T) {
 		t.Fatalf("member-key DM %+v", m)
 	}
 	for _, id := range []string{toSession.MessageID, toMember.MessageID} {
-		waitFor(t, 5*time.Second, "auto client_ack marks the row delivered", func() bool { return b.row(id).DeliveredAt != nil })
+		waitFor(t, 10*time.Second, "auto client_ack marks the row delivered", func() bool { return b.row(id).DeliveredAt != nil })
 	}
 	// A broadcast: base64 body, sender's member key and name, no ack needed.
 	bc, err := alice.SendMulticast(ctxT(t), "*", "", []byte("hello all"))
@@ -255,13 +255,13 @@ func TestGoClientReceive(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	m, err = bob.Receive(ctx)
 	if !errors.Is(err, client.ErrUnreadable) || m.ID != bad.MessageID {
 		t.Fatalf("unreadable DM: %+v %v", m, err)
 	}
-	waitFor(t, 5*time.Second, "unreadable DM acked", func() bool { return b.row(bad.MessageID).DeliveredAt != nil })
+	waitFor(t, 10*time.Second, "unreadable DM acked", func() bool { return b.row(bad.MessageID).DeliveredAt != nil })
 }
 
 // The fan-out rule the package documents: a DM to a member key is one
@@ -330,7 +330,7 @@ func TestGoClientManualAck(t *testing.T) {
 	if err := bob.Ack(first); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "Ack marks the first row delivered", func() bool { return b.row(firstID).DeliveredAt != nil })
+	waitFor(t, 10*time.Second, "Ack marks the first row delivered", func() bool { return b.row(firstID).DeliveredAt != nil })
 
 	id, m := send("ack me")
 	// A round trip on bob's socket after the push, then a while: an auto
@@ -346,7 +346,7 @@ func TestGoClientManualAck(t *testing.T) {
 	if err := bob.Ack(m); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "Ack marks the row delivered", func() bool { return b.row(id).DeliveredAt != nil })
+	waitFor(t, 10*time.Second, "Ack marks the row delivered", func() bool { return b.row(id).DeliveredAt != nil })
 }
 
 // A refused send is an error the caller can inspect, and the ack still
@@ -423,7 +423,7 @@ func TestGoClientReconnectResumesLease(t *testing.T) {
 	if first.ResumeToken == "" {
 		t.Fatalf("no resume token: %s", alice.AckRaw)
 	}
-	waitFrame(t, bob, 5*time.Second, func(fr client.Frame) bool {
+	waitFrame(t, bob, 10*time.Second, func(fr client.Frame) bool {
 		return isEvent("peer_joined")(fr) && strings.Contains(string(fr.Raw), sess.Pubkey())
 	})
 
@@ -490,7 +490,7 @@ func TestGoClientReconnectFailsPending(t *testing.T) {
 	p.swallow.Store(true) // the request never reaches the broker, so it cannot be answered
 	res := make(chan error, 1)
 	go func() { _, err := alice.ListPeers(context.Background()); res <- err }()
-	waitFor(t, 5*time.Second, "the request on the wire", func() bool { return p.dropped.Load() > 0 })
+	waitFor(t, 10*time.Second, "the request on the wire", func() bool { return p.dropped.Load() > 0 })
 	p.swallow.Store(false)
 	p.cut()
 	if err := waitAck(t, res, "the pending request to fail"); !errors.Is(err, client.ErrConnectionLost) {
@@ -578,7 +578,7 @@ func TestGoClientReconnectMemberHello(t *testing.T) {
 	p := newProxy(t, b)
 	bob := b.connect(f.b, client.Options{})
 	alice, acks, drops := reconnecting(t, b, p, f.a, client.Options{SessionID: "alice-daemon"})
-	waitFrame(t, bob, 5*time.Second, isEvent("peer_joined"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_joined"))
 	p.refuse.Store(true)
 	p.cut()
 	waitAck(t, drops, "OnDisconnect")
@@ -611,11 +611,11 @@ func TestGoClientReconnectAfterLeaseExpiry(t *testing.T) {
 	bob := b.connect(f.b, client.Options{})
 	sess := client.NewSession()
 	alice, acks, drops := reconnecting(t, b, p, f.a, client.Options{Session: &sess})
-	waitFrame(t, bob, 5*time.Second, isEvent("peer_joined"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_joined"))
 	p.refuse.Store(true)
 	p.cut()
 	waitAck(t, drops, "OnDisconnect")
-	waitFrame(t, bob, 5*time.Second, func(fr client.Frame) bool {
+	waitFrame(t, bob, 10*time.Second, func(fr client.Frame) bool {
 		return isEvent("peer_left")(fr) && strings.Contains(string(fr.Raw), sess.Pubkey())
 	})
 	p.refuse.Store(false)
@@ -623,7 +623,7 @@ func TestGoClientReconnectAfterLeaseExpiry(t *testing.T) {
 	if a.PresenceID == "" || a.PresenceID == alice.HelloAck.PresenceID || a.ResumeToken == "" {
 		t.Fatalf("ack after expiry %+v", a)
 	}
-	waitFrame(t, bob, 5*time.Second, func(fr client.Frame) bool {
+	waitFrame(t, bob, 10*time.Second, func(fr client.Frame) bool {
 		return (isEvent("peer_joined")(fr) || isEvent("peer_returned")(fr)) && strings.Contains(string(fr.Raw), sess.Pubkey())
 	})
 	if _, err := bob.SendDirect(ctxT(t), pub(sess.Key), client.PriorityNow, []byte("welcome back")); err != nil {
@@ -648,7 +648,7 @@ func TestGoClientReconnectTakesOverHalfOpenLease(t *testing.T) {
 	member, macks, _ := reconnecting(t, b, p, f.a, client.Options{SessionID: "alice-daemon"})
 	session, sacks, _ := reconnecting(t, b, p, f.c, client.Options{Session: &sess})
 	for range 2 {
-		waitFrame(t, bob, 5*time.Second, isEvent("peer_joined"))
+		waitFrame(t, bob, 10*time.Second, isEvent("peer_joined"))
 	}
 	p.cutClientSide()
 	for _, tc := range []struct {

@@ -48,13 +48,13 @@ func TestFreshMemberHello(t *testing.T) {
 	if len(rows) != 1 || rows[0].Role != "control-plane" || rows[0].SessionPubkey != nil || rows[0].DisconnectedAt != nil || rows[0].Pid != 42 || rows[0].SessionID != "s1" {
 		t.Fatalf("presence row: %+v", rows)
 	}
-	joined := decodePush(t, waitFrame(t, bob, 2*time.Second, isEvent("peer_joined")))
+	joined := decodePush(t, waitFrame(t, bob, 10*time.Second, isEvent("peer_joined")))
 	var data struct{ Name, Pubkey string }
 	_ = json.Unmarshal(joined.EventData, &data)
 	if data.Pubkey != f.a.Pubkey() || data.Name != "alice" || joined.SenderPubkey != "system" || joined.Priority != "low" {
 		t.Fatalf("peer_joined: %+v %s", joined, joined.EventData)
 	}
-	waitFor(t, 2*time.Second, "audit peer_joined", func() bool {
+	waitFor(t, 10*time.Second, "audit peer_joined", func() bool {
 		var n int64
 		b.query(&n, "SELECT count(*) FROM {audit_log} WHERE mesh_id = ? AND event_type = 'peer_joined' AND actor_member_id = ?", f.meshID, f.a.MemberID)
 		return n == 1
@@ -211,7 +211,7 @@ func TestSessionHello(t *testing.T) {
 		t.Fatalf("row %+v", rows)
 	}
 	for _, c := range []*client.Client{daemon, bob} {
-		waitFrame(t, c, 2*time.Second, func(f client.Frame) bool {
+		waitFrame(t, c, 10*time.Second, func(f client.Frame) bool {
 			return isEvent("peer_joined")(f) && strings.Contains(string(f.Raw), sess.Pubkey())
 		})
 	}
@@ -272,7 +272,8 @@ func TestSessionHelloRejections(t *testing.T) {
 // reattach of one's own lease.
 func TestCapacity(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, func(c *config.Config) { c.MaxConnectionsPerMesh = 1 })
+	// The reattach must land inside the lease, after a refused hello.
+	b := startTestBroker(t, withLease(30*time.Second), func(c *config.Config) { c.MaxConnectionsPerMesh = 1 })
 	f := b.fixture()
 	sess := client.NewSession()
 	a := b.connect(f.a, client.Options{Session: &sess})
@@ -297,7 +298,7 @@ func TestFramesBeforeAndAfterHello(t *testing.T) {
 	defer ws.Close()
 	read := func() protocol.ErrorFrame {
 		t.Helper()
-		_ = ws.SetReadDeadline(time.Now().Add(2 * time.Second))
+		_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 		_, data, err := ws.ReadMessage()
 		if err != nil {
 			t.Fatal(err)
@@ -322,7 +323,7 @@ func TestFramesBeforeAndAfterHello(t *testing.T) {
 		{`{"type":"join_group","name":5,"_reqId":"u4"}`, "invalid_argument"},
 	} {
 		_ = c.WriteRaw([]byte(tt.frame))
-		fr := waitFrame(t, c, 2*time.Second, func(f client.Frame) bool { return f.Type == "error" })
+		fr := waitFrame(t, c, 10*time.Second, func(f client.Frame) bool { return f.Type == "error" })
 		var e protocol.ErrorFrame
 		_ = fr.Decode(&e)
 		if string(e.Code) != tt.code || e.ReqID == "" {
@@ -331,7 +332,7 @@ func TestFramesBeforeAndAfterHello(t *testing.T) {
 	}
 	// A second hello on an authenticated socket is refused and changes nothing (H4).
 	_ = c.WriteJSON(map[string]any{"type": "hello", "meshId": f.meshID})
-	fr := waitFrame(t, c, 2*time.Second, func(f client.Frame) bool { return f.Type == "error" })
+	fr := waitFrame(t, c, 10*time.Second, func(f client.Frame) bool { return f.Type == "error" })
 	if !strings.Contains(string(fr.Raw), "already_authenticated") {
 		t.Fatalf("second hello: %s", fr.Raw)
 	}
@@ -348,11 +349,11 @@ func TestSessionIDDedup(t *testing.T) {
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{SessionID: "s1"})
 	first := b.connect(f.a, client.Options{SessionID: "s1"})
-	waitFrame(t, bob, 2*time.Second, isEvent("peer_joined"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_joined"))
 	second := b.connect(f.a, client.Options{SessionID: "s1"})
 	select {
 	case <-first.Done():
-	case <-time.After(2 * time.Second):
+	case <-time.After(10 * time.Second):
 		t.Fatal("old socket not closed")
 	}
 	if ce := first.CloseError(); ce == nil || ce.Code != 1000 || ce.Text != "session_replaced" {
@@ -366,7 +367,7 @@ func TestSessionIDDedup(t *testing.T) {
 	if len(disc) != 1 || disc[0] == nil {
 		t.Fatal("old row not disconnected")
 	}
-	waitFrame(t, bob, 2*time.Second, func(f client.Frame) bool { return isEvent("peer_joined")(f) || isEvent("peer_returned")(f) })
+	waitFrame(t, bob, 10*time.Second, func(f client.Frame) bool { return isEvent("peer_joined")(f) || isEvent("peer_returned")(f) })
 	if left := collect(bob, 200*time.Millisecond, isEvent("peer_left")); len(left) != 0 {
 		t.Fatalf("dedup sent peer_left")
 	}
@@ -393,7 +394,14 @@ func TestPeerStateRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.Close()
-	waitFrame(t, bob, 3*time.Second, isEvent("peer_left"))
+	waitFrame(t, bob, 10*time.Second, isEvent("peer_left"))
+	// The close saves peer_state in the background; the hello restores
+	// only what it finds.
+	waitFor(t, 10*time.Second, "peer_state saved at close", func() bool {
+		var n int64
+		b.query(&n, "SELECT count(*) FROM {peer_state} WHERE member_id = ?", f.a.MemberID)
+		return n == 1
+	})
 	again := b.connect(f.a, client.Options{SessionID: "x2"})
 	ack := again.HelloAck
 	if !ack.Restored || ack.LastSeenAt == "" || len(ack.RestoredGroups) != 1 || ack.RestoredGroups[0].Name != "eng" || ack.LastSummary != "refactoring" {
@@ -402,7 +410,7 @@ func TestPeerStateRestore(t *testing.T) {
 	if _, err := time.Parse(protocol.ISOLayout, ack.LastSeenAt); err != nil {
 		t.Fatalf("lastSeenAt %q: %v", ack.LastSeenAt, err)
 	}
-	p := decodePush(t, waitFrame(t, bob, 2*time.Second, isEvent("peer_returned")))
+	p := decodePush(t, waitFrame(t, bob, 10*time.Second, isEvent("peer_returned")))
 	if !strings.Contains(string(p.EventData), "lastSeenAt") {
 		t.Fatalf("peer_returned %s", p.EventData)
 	}
@@ -456,7 +464,7 @@ func TestHelloTimeoutBurst(t *testing.T) {
 		socks = append(socks, ws)
 	}
 	for _, ws := range socks {
-		_ = ws.SetReadDeadline(time.Now().Add(3 * time.Second))
+		_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 		_, data, err := ws.ReadMessage()
 		if err != nil || !strings.Contains(string(data), `"hello_timeout"`) {
 			t.Fatalf("want hello_timeout error, got %s %v", data, err)
@@ -575,7 +583,7 @@ func TestBadHelloFlood(t *testing.T) {
 			}
 			defer ws.Close()
 			_ = ws.WriteMessage(websocket.TextMessage, []byte(frames[i%len(frames)]))
-			_ = ws.SetReadDeadline(time.Now().Add(3 * time.Second))
+			_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 			_, data, err := ws.ReadMessage()
 			if err != nil || !strings.Contains(string(data), `"type":"error"`) {
 				t.Errorf("frame %q: %s %v", frames[i%len(frames)], data, err)
@@ -621,7 +629,7 @@ func TestClosedSocketEndsDespiteTraffic(t *testing.T) {
 			}
 		}
 	}()
-	_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 	_, _, err = ws.ReadMessage() // the hello_timeout error frame
 	if err != nil {
 		t.Fatal(err)
@@ -633,7 +641,7 @@ func TestClosedSocketEndsDespiteTraffic(t *testing.T) {
 	}
 	// The WebSocket reader is done; watch the TCP connection itself.
 	raw := ws.NetConn()
-	_ = raw.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_ = raw.SetReadDeadline(time.Now().Add(10 * time.Second))
 	for {
 		_, err := raw.Read(make([]byte, 64))
 		if err == nil {
@@ -641,7 +649,7 @@ func TestClosedSocketEndsDespiteTraffic(t *testing.T) {
 		}
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			t.Fatal("connection still open 5 s after the hello_timeout close")
+			t.Fatal("connection still open 10 s after the hello_timeout close (its close grace is 1 s)")
 		}
 		return // EOF or reset: the broker dropped it
 	}

@@ -16,12 +16,12 @@ import (
 // be admitted nor yield a resume token that takes the victim's lease.
 func TestMemberHelloCannotResumeAnotherMembersSession(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(5*time.Second))
+	b := startTestBroker(t, withLease(30*time.Second))
 	f := b.fixture()
 	carol := b.connect(f.c, client.Options{})
 	sess := client.NewSession()
 	victim := b.connect(f.a, client.Options{Session: &sess})
-	waitFrame(t, carol, 2*time.Second, isEvent("peer_joined"))
+	waitFrame(t, carol, 10*time.Second, isEvent("peer_joined"))
 
 	attacker, err := b.tryConnect(f.b, client.Options{SessionPubkey: sess.Pubkey()})
 	if err == nil {
@@ -61,7 +61,7 @@ func TestMemberHelloCannotResumeAnotherMembersSession(t *testing.T) {
 // on its own signature, as a fresh hello.
 func TestResumeTokenBoundToProvenKey(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(5*time.Second))
+	b := startTestBroker(t, withLease(30*time.Second))
 	f := b.fixture()
 	sess := client.NewSession()
 	s := b.connect(f.a, client.Options{Session: &sess})
@@ -139,14 +139,14 @@ func TestPushSenderCannotBeAnotherMembersSessionKey(t *testing.T) {
 		if _, err := bob.SendSealed(ctxT(t), f.c.Pubkey(), pub(f.c.Key), "now", []byte("from alice, honest")); err != nil {
 			t.Fatal(err)
 		}
-		p := decodePush(t, waitFrame(t, carol, 2*time.Second, isMessage))
+		p := decodePush(t, waitFrame(t, carol, 10*time.Second, isMessage))
 		if p.SenderPubkey == sess.Pubkey() {
 			t.Fatal("bob's push reached carol with alice's session key as senderPubkey")
 		}
 	}
 	// Nor once alice's session has ended: the key stays her member's.
 	alice.Kill()
-	waitFor(t, 5*time.Second, "alice's session evicted", func() bool { return b.presence.Get(alice.HelloAck.PresenceID) == nil })
+	waitFor(t, 10*time.Second, "alice's session evicted", func() bool { return b.presence.Get(alice.HelloAck.PresenceID) == nil })
 	rejected(t, b, f.b, client.Options{SessionPubkey: sess.Pubkey()}, "session_pubkey_taken", 1008, "sessionPubkey")
 
 	// Bob's pushes carry his own key.
@@ -154,7 +154,7 @@ func TestPushSenderCannotBeAnotherMembersSessionKey(t *testing.T) {
 	if _, err := bob.SendSealed(ctxT(t), f.c.Pubkey(), pub(f.c.Key), "now", []byte("hi")); err != nil {
 		t.Fatal(err)
 	}
-	if p := decodePush(t, waitFrame(t, carol, 2*time.Second, isMessage)); p.SenderPubkey != f.b.Pubkey() {
+	if p := decodePush(t, waitFrame(t, carol, 10*time.Second, isMessage)); p.SenderPubkey != f.b.Pubkey() {
 		t.Fatalf("push senderPubkey %s, want bob's key", p.SenderPubkey)
 	}
 }
@@ -170,13 +170,13 @@ func TestSessionHelloEvictsForeignLabel(t *testing.T) {
 	owner := b.connect(f.a, client.Options{Session: &sess})
 	select {
 	case <-squatter.Done():
-	case <-time.After(5 * time.Second):
+	case <-time.After(20 * time.Second):
 		t.Fatal("the squatting member socket was not closed")
 	}
 	if ce := squatter.CloseError(); ce == nil || ce.Code != 1008 || ce.Text != "session_pubkey_taken" {
 		t.Fatalf("squatter close %+v, want 1008 session_pubkey_taken", ce)
 	}
-	waitFor(t, 2*time.Second, "squatter's presence ended", func() bool { return b.presence.Get(squatter.HelloAck.PresenceID) == nil })
+	waitFor(t, 10*time.Second, "squatter's presence ended", func() bool { return b.presence.Get(squatter.HelloAck.PresenceID) == nil })
 	if _, err := owner.ListPeers(ctxT(t)); err != nil {
 		t.Fatal(err)
 	}

@@ -82,7 +82,7 @@ func TestMetrics(t *testing.T) {
 	if ack, err := a.Send(ctxT(t), client.SendRequest{TargetSpec: f.b.Pubkey(), Priority: "now", Nonce: "", Ciphertext: "x"}); err != nil || !ack.Queued {
 		t.Fatal(ack, err)
 	}
-	waitFrame(t, bob, 2*time.Second, isMessage)
+	waitFrame(t, bob, 10*time.Second, isMessage)
 	postHook(t, b, `{"cwd":"/nowhere","status":"idle"}`)
 	code, hdr, body := httpDo(t, "GET", b.httpURL("/metrics"), "")
 	if code != 200 || !strings.HasPrefix(hdr.Get("Content-Type"), "text/plain; version=0.0.4") || !strings.HasSuffix(body, "\n") {
@@ -141,7 +141,7 @@ func TestReadinessFollowsDatabase(t *testing.T) {
 	}
 	block(true)
 	t.Cleanup(func() { block(false) })
-	waitFor(t, 5*time.Second, "ready 503", func() bool {
+	waitFor(t, 10*time.Second, "ready 503", func() bool {
 		code, _, body := httpDo(t, "GET", b.httpURL("/health/ready"), "")
 		return code == 503 && strings.Contains(body, `"reason":"db_down"`)
 	})
@@ -149,7 +149,7 @@ func TestReadinessFollowsDatabase(t *testing.T) {
 		t.Fatalf("/health while down: %d %s", code, body)
 	}
 	block(false)
-	waitFor(t, 5*time.Second, "ready 200", func() bool {
+	waitFor(t, 10*time.Second, "ready 200", func() bool {
 		code, _, _ := httpDo(t, "GET", b.httpURL("/health/ready"), "")
 		return code == 200
 	})
@@ -230,7 +230,7 @@ func TestDemoIdentitiesConnect(t *testing.T) {
 	if ack, err := alice.SendSealed(context.Background(), ids[1].Pubkey(), pub(ids[1].Key), "now", []byte("hi bob")); err != nil || !ack.Queued {
 		t.Fatal(ack, err)
 	}
-	p := decodePush(t, waitFrame(t, bob, 2*time.Second, isMessage))
+	p := decodePush(t, waitFrame(t, bob, 10*time.Second, isMessage))
 	if body, err := client.Open(p.Nonce, p.Ciphertext, pub(ids[0].Key), ids[1].Key); err != nil || string(body) != "hi bob" {
 		t.Fatalf("%q %v", body, err)
 	}

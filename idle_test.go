@@ -51,10 +51,10 @@ func TestIdleSocketHoldsOnlyItsReader(t *testing.T) {
 	if err != nil || ack.MessageID == "" {
 		t.Fatalf("send: %+v %v", ack, err)
 	}
-	waitFrame(t, clients[0], 2*time.Second, isMessage)
+	waitFrame(t, clients[0], 10*time.Second, isMessage)
 
 	var got string
-	waitFor(t, 3*time.Second, "idle sockets to hold only their readers", func() bool {
+	waitFor(t, 10*time.Second, "idle sockets to hold only their readers", func() bool {
 		r, w, h := brokerSocketGoroutines()
 		got = fmt.Sprintf("%d readers, %d writers, %d HTTP connection loops", r, w, h)
 		return r == n+1 && w == 0 && h == 0

@@ -62,7 +62,7 @@ func TestRestoredLeasesListedAsBefore(t *testing.T) {
 	if err := s.WriteJSON(map[string]any{"type": "set_status", "status": "working"}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "summary and status stored", func() bool {
+	waitFor(t, 10*time.Second, "summary and status stored", func() bool {
 		var rows []struct {
 			Summary *string
 			Status  string
@@ -70,7 +70,7 @@ func TestRestoredLeasesListedAsBefore(t *testing.T) {
 		b.query(&rows, "SELECT summary, status FROM {presence} WHERE id = ?", s.HelloAck.PresenceID)
 		return len(rows) == 1 && rows[0].Summary != nil && *rows[0].Summary == "porting leases" && rows[0].Status == "working"
 	})
-	waitFor(t, 5*time.Second, "profile and visibility flushed", func() bool {
+	waitFor(t, 10*time.Second, "profile and visibility flushed", func() bool {
 		var n int64
 		b.query(&n, "SELECT count(*) FROM "+b.db.Table("meshbroker_lease")+" WHERE (presence_id = ? AND CAST(profile AS TEXT) LIKE '%builder%') OR (presence_id = ? AND visible = ?)",
 			s.HelloAck.PresenceID, hidden.HelloAck.PresenceID, false)
@@ -140,7 +140,7 @@ func TestRestoredLeaseOfRevokedMember(t *testing.T) {
 	if !errors.As(err, &he) || he.Code != "revoked" || he.Close == nil || he.Close.Code != 4002 {
 		t.Fatalf("reattach of a revoked member: %v", err)
 	}
-	left := waitFrame(t, obs, 5*time.Second, isEvent("peer_left"))
+	left := waitFrame(t, obs, 10*time.Second, isEvent("peer_left"))
 	if !strings.Contains(string(left.Raw), sess.Pubkey()) {
 		t.Fatalf("peer_left for someone else: %s", left.Raw)
 	}
@@ -184,7 +184,9 @@ func TestReferenceDatabaseRestoresNothing(t *testing.T) {
 // enters grace and comes back, deleted when it is evicted.
 func TestLeaseRowFollowsPresence(t *testing.T) {
 	t.Parallel()
-	b := startTestBroker(t, withLease(2*time.Second))
+	// The grace row must be seen before the lease runs out: it is flushed
+	// every LeaseFlush after the broker sees the socket go.
+	b := startTestBroker(t, withLease(10*time.Second))
 	f := b.fixture()
 	bob := b.connect(f.b, client.Options{})
 	sess := client.NewSession()
@@ -194,10 +196,10 @@ func TestLeaseRowFollowsPresence(t *testing.T) {
 		t.Fatalf("lease row after hello: %q", st)
 	}
 	s.Kill()
-	waitFor(t, 5*time.Second, "grace flushed", func() bool { return b.leaseState(pid) == "grace" })
-	waitFrame(t, bob, 5*time.Second, isEvent("peer_left"))
+	waitFor(t, 10*time.Second, "grace flushed", func() bool { return b.leaseState(pid) == "grace" })
+	waitFrame(t, bob, 30*time.Second, isEvent("peer_left"))
 	// peer_left goes out first, then the rows are ended.
-	waitFor(t, 5*time.Second, "rows ended at eviction", func() bool {
+	waitFor(t, 10*time.Second, "rows ended at eviction", func() bool {
 		disc, _ := b.presenceRow(pid)
 		return b.leaseState(pid) == "" && disc != nil
 	})

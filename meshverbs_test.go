@@ -129,7 +129,7 @@ func TestTopicMembersHistoryAndRead(t *testing.T) {
 	}
 	// Unknown topic, and a private topic seen from a non-member.
 	_ = carol.WriteJSON(map[string]any{"type": "topic_members", "topic": "nope", "_reqId": "x1"})
-	ef := waitFrame(t, carol, 2*time.Second, func(f client.Frame) bool { return f.Type == "error" })
+	ef := waitFrame(t, carol, 10*time.Second, func(f client.Frame) bool { return f.Type == "error" })
 	if !strings.Contains(string(ef.Raw), `"code":"topic_not_found"`) {
 		t.Fatalf("%s", ef.Raw)
 	}
@@ -137,7 +137,7 @@ func TestTopicMembersHistoryAndRead(t *testing.T) {
 	// topic_not_found echoes the request id in "id", as the reference does.
 	for _, typ := range []string{"topic_members", "topic_history"} {
 		_ = carol.WriteJSON(map[string]any{"type": typ, "topic": "secret", "_reqId": "p-" + typ})
-		ef := waitFrame(t, carol, 2*time.Second, func(f client.Frame) bool { return f.Type == "error" })
+		ef := waitFrame(t, carol, 10*time.Second, func(f client.Frame) bool { return f.Type == "error" })
 		if !strings.Contains(string(ef.Raw), `"code":"topic_not_found"`) || !strings.Contains(string(ef.Raw), `"id":"p-`+typ+`"`) {
 			t.Fatalf("%s of a private topic for a non-member: %s", typ, ef.Raw)
 		}
@@ -204,7 +204,7 @@ func TestMemberRoutes(t *testing.T) {
 	if mem["displayName"] != "Bobby" || mem["roleTag"] != "reviewer" || mem["messageMode"] != "inbox" || mem["permission"] != "member" {
 		t.Fatalf("patched member %v", mem)
 	}
-	p := decodePush(t, waitFrame(t, bob, 2*time.Second, isEvent("profile_updated")))
+	p := decodePush(t, waitFrame(t, bob, 10*time.Second, isEvent("profile_updated")))
 	var changes map[string]any
 	_ = json.Unmarshal(p.EventData, &changes)
 	if p.SenderPubkey != "system" || changes["displayName"] != "Bobby" || changes["messageMode"] != "inbox" {
@@ -297,7 +297,7 @@ func TestListPeersMarksGrace(t *testing.T) {
 	b.connect(f.b, client.Options{Session: &s2, DisplayName: "bob-s", SessionID: "new"})
 	gone.Kill()
 	var peers []protocol.PeerInfo
-	waitFor(t, 5*time.Second, "bob's first session in grace", func() bool {
+	waitFor(t, 10*time.Second, "bob's first session in grace", func() bool {
 		var err error
 		peers, err = alice.ListPeers(ctxT(t))
 		return err == nil && len(peers) == 3 && peers[2].InGrace

@@ -238,7 +238,7 @@ func TestOperatorMetricsMove(t *testing.T) {
 	if err := bob.Close(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "close counted", func() bool {
+	waitFor(t, 10*time.Second, "close counted", func() bool {
 		return metricValue(t, b, `meshbroker_ws_closes_total{by="peer",code="1000"}`) >= 1
 	})
 	for _, s := range []string{
@@ -275,7 +275,7 @@ func TestOperatorLogLines(t *testing.T) {
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "session end line", func() bool { return len(logs.logLines(t, "ws session end")) == 1 })
+	waitFor(t, 10*time.Second, "session end line", func() bool { return len(logs.logLines(t, "ws session end")) == 1 })
 	hello := logs.logLines(t, "ws hello")
 	if len(hello) != 1 || hello[0]["kind"] != "member" || hello[0]["remote"] == "" || hello[0]["role"] != nil {
 		t.Fatalf("hello line: %v", hello)
@@ -437,7 +437,7 @@ func TestStaleTerminateLogLine(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("quiet socket not ended")
 	}
-	waitFor(t, 5*time.Second, "stale terminate line", func() bool { return len(logs.logLines(t, "ws stale terminate")) == 1 })
+	waitFor(t, 10*time.Second, "stale terminate line", func() bool { return len(logs.logLines(t, "ws stale terminate")) == 1 })
 	for _, l := range strings.Split(logs.String(), "\n") {
 		if strings.Contains(l, `"ws stale terminate"`) {
 			if n := strings.Count(l, `"presence_id":`); n != 1 {

@@ -45,7 +45,7 @@ func TestHookSetStatus(t *testing.T) {
 	if st, src := b.status(a.HelloAck.PresenceID); st != "working" || src != "hook" {
 		t.Fatalf("hello after hook: %s/%s", st, src)
 	}
-	waitFor(t, 2*time.Second, "applied pending row swept", func() bool {
+	waitFor(t, 10*time.Second, "applied pending row swept", func() bool {
 		var n int64
 		b.query(&n, "SELECT count(*) FROM {pending_status}")
 		return n == 0
@@ -88,7 +88,7 @@ func TestPendingStatusExpires(t *testing.T) {
 	})
 	f := b.fixture()
 	postHook(t, b, `{"cwd":"/late","pid":9,"status":"working"}`)
-	waitFor(t, 2*time.Second, "pending swept", func() bool {
+	waitFor(t, 10*time.Second, "pending swept", func() bool {
 		var n int64
 		b.query(&n, "SELECT count(*) FROM {pending_status}")
 		return n == 0
@@ -246,7 +246,7 @@ func TestModeration(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.connect(f.b, client.Options{})
-	waitFor(t, 2*time.Second, "ban audited", func() bool {
+	waitFor(t, 10*time.Second, "ban audited", func() bool {
 		return b.auditCount(f.meshID, "member_banned") == 1 && b.auditCount(f.meshID, "member_unbanned") == 1
 	})
 	// Kick skips control-plane sockets and closes sessions with 4001.
@@ -298,11 +298,11 @@ func TestPresenceMessages(t *testing.T) {
 	if err != nil || vack.Type != "ack" || vack.ID == "" || vack.ID != vack.ReqID || vack.Queued || vack.MessageID != "" || vack.Error != "" {
 		t.Fatalf("set_visible ack %s %v", fr.Raw, err)
 	}
-	hidden := decodePush(t, waitFrame(t, alice, 2*time.Second, isEvent("peer_hidden")))
+	hidden := decodePush(t, waitFrame(t, alice, 10*time.Second, isEvent("peer_hidden")))
 	if hidden.SenderPubkey != "system" || !strings.Contains(string(hidden.EventData), f.b.Pubkey()) {
 		t.Fatalf("peer_hidden %+v", hidden)
 	}
-	waitFrame(t, bobSession, 2*time.Second, isEvent("peer_hidden")) // siblings hear it too
+	waitFrame(t, bobSession, 10*time.Second, isEvent("peer_hidden")) // siblings hear it too
 	peers, _ := alice.ListPeers(ctxT(t))
 	for _, p := range peers {
 		if p.Pubkey == f.b.Pubkey() {

@@ -84,7 +84,7 @@ func TestNULInTextIsInvalidArgument(t *testing.T) {
 		if err := a.WriteRaw([]byte(frame)); err != nil {
 			t.Fatal(err)
 		}
-		ackFrame := waitFrame(t, a, 5*time.Second, func(f client.Frame) bool { return strings.Contains(string(f.Raw), id) })
+		ackFrame := waitFrame(t, a, 10*time.Second, func(f client.Frame) bool { return strings.Contains(string(f.Raw), id) })
 		var ack protocol.Ack
 		_ = ackFrame.Decode(&ack)
 		if ackFrame.Type != "ack" || ack.Queued || !strings.HasPrefix(ack.Error, "invalid_argument: ") {

@@ -122,7 +122,7 @@ func TestToolboxMemory(t *testing.T) {
 		t.Fatalf("rememberedAt: %v", err)
 	}
 	// The daemon's shape follows, with the same _reqId.
-	daemon := waitFrame(t, bob, 5*time.Second, func(f client.Frame) bool { return f.Type == "memory_recall_result" })
+	daemon := waitFrame(t, bob, 10*time.Second, func(f client.Frame) bool { return f.Type == "memory_recall_result" })
 	var dm struct {
 		Matches []protocol.MemoryView `json:"matches"`
 		ReqID   string                `json:"_reqId"`
@@ -339,7 +339,7 @@ func TestToolboxContexts(t *testing.T) {
 	if shared["type"] != "context_shared" || id == "" {
 		t.Fatalf("share_context: %v", shared)
 	}
-	change := waitFrame(t, bob, 5*time.Second, func(f client.Frame) bool { return f.Type == "state_change" })
+	change := waitFrame(t, bob, 10*time.Second, func(f client.Frame) bool { return f.Type == "state_change" })
 	var sc protocol.StateChange
 	_ = change.Decode(&sc)
 	if sc.Key != "_context:alice" || string(sc.Value) != `"Explored the Auth module"` || sc.UpdatedBy != "alice" {
@@ -522,7 +522,7 @@ func TestScheduleDelivers(t *testing.T) {
 	if body != "stand-up in 5" || p.SenderPubkey != f.a.Pubkey() || p.Priority != "now" || p.MeshID != f.meshID {
 		t.Fatalf("scheduled push: %+v %q", p, body)
 	}
-	waitFor(t, 5*time.Second, "the fire's audit entry", func() bool { return b.auditCount(f.meshID, "schedule_fired") == 1 })
+	waitFor(t, 10*time.Second, "the fire's audit entry", func() bool { return b.auditCount(f.meshID, "schedule_fired") == 1 })
 	if n := b.auditCount(f.meshID, "message_sent"); n != 1 {
 		t.Fatalf("%d message_sent entries, want the send path's 1", n)
 	}
@@ -663,10 +663,11 @@ func TestCronFiresOnEachTick(t *testing.T) {
 	}
 	for tick := 1; tick <= 3; tick++ {
 		b.advance(next.Sub(b.now()) + time.Second) // just past the tick
-		if _, body := nextMessage(t, bob); body != "tick" {
+		fired, body := nextMessage(t, bob)
+		if body != "tick" {
 			t.Fatalf("tick %d body %q", tick, body)
 		}
-		waitFor(t, 5*time.Second, "the row to move on", func() bool {
+		waitFor(t, 10*time.Second, "the row to move on", func() bool {
 			return b.count("scheduled_message", "id = ? AND fired_count = ?", id, tick) == 1
 		})
 		got := list(call(t, alice, map[string]any{"type": "list_scheduled"}), "messages")
@@ -680,9 +681,11 @@ func TestCronFiresOnEachTick(t *testing.T) {
 		next = now
 		// Nothing more fires before the next tick.
 		if extra := collect(bob, 100*time.Millisecond, isMessage); len(extra) != 0 {
-			t.Fatalf("tick %d fired %d extra messages", tick, len(extra))
+			t.Fatalf("tick %d fired %d extra messages (the tick's was %s), the first %s", tick, len(extra), fired.MessageID, extra[0].Raw)
 		}
 	}
+	// The audit log is written behind the fire.
+	waitFor(t, 10*time.Second, "three schedule_fired entries", func() bool { return b.auditCount(f.meshID, "schedule_fired") >= 3 })
 	if n := b.auditCount(f.meshID, "schedule_fired"); n != 3 {
 		t.Fatalf("%d schedule_fired entries, want 3", n)
 	}
@@ -691,7 +694,7 @@ func TestCronFiresOnEachTick(t *testing.T) {
 	// Down for an hour: the missed ticks fire once, flagged late.
 	b.advance(next.Sub(b.now()) + time.Hour)
 	nextMessage(t, bob)
-	waitFor(t, 5*time.Second, "a late fire", func() bool {
+	waitFor(t, 10*time.Second, "a late fire", func() bool {
 		var n int64
 		b.query(&n, `SELECT count(*) FROM `+b.db.Table("audit_log")+` WHERE mesh_id = ? AND event_type = 'schedule_fired' AND `+jsonField(b, "payload", "late")+` = 'true'`, f.meshID)
 		return n == 1
@@ -729,7 +732,7 @@ func TestToolboxFrameShapes(t *testing.T) {
 		if err := ws.WriteJSON(map[string]any{"type": typ, "content": "x", "_reqId": "r"}); err != nil {
 			t.Fatal(err)
 		}
-		_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 		var e protocol.ErrorFrame
 		if err := ws.ReadJSON(&e); err != nil || e.Code != protocol.CodeNoHello {
 			t.Fatalf("%s before hello: %+v %v", typ, e, err)
@@ -752,7 +755,7 @@ func TestToolboxFrameShapes(t *testing.T) {
 	if err := alice.WriteJSON(map[string]any{"type": "list_tasks"}); err != nil {
 		t.Fatal(err)
 	}
-	got := waitFrame(t, alice, 5*time.Second, func(f client.Frame) bool { return f.Type == "task_list" })
+	got := waitFrame(t, alice, 10*time.Second, func(f client.Frame) bool { return f.Type == "task_list" })
 	if strings.Contains(string(got.Raw), "_reqId") {
 		t.Fatalf("task_list without a request id: %s", got.Raw)
 	}
@@ -800,7 +803,7 @@ func TestToolboxPurge(t *testing.T) {
 	cancelled := call(t, alice, map[string]any{"type": "schedule", "to": f.b.Pubkey(), "message": "no", "deliverAt": b.now().Add(time.Hour).UnixMilli()})["scheduledId"].(string)
 	call(t, alice, map[string]any{"type": "cancel_scheduled", "scheduledId": cancelled})
 	pending := call(t, alice, map[string]any{"type": "schedule", "to": f.b.Pubkey(), "message": "weekly", "cron": "0 9 * * 1", "deliverAt": 0})["scheduledId"].(string)
-	waitFor(t, 5*time.Second, "the fire", func() bool { return b.count("scheduled_message", "id = ? AND fired_at IS NOT NULL", fired) == 1 })
+	waitFor(t, 10*time.Second, "the fire", func() bool { return b.count("scheduled_message", "id = ? AND fired_at IS NOT NULL", fired) == 1 })
 
 	if err := b.toolbox.Purge(ctxT(t)); err != nil {
 		t.Fatal(err)
