@@ -17,6 +17,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // Config is everything the broker needs to know before it starts. The zero
@@ -396,7 +398,7 @@ var vars = []envVar{
 		help: "header a trusted proxy sets to the client's address (Fly.io: Fly-Client-IP), for the hook routes' per-address limit and the member routes' live-session proof; set it only behind a proxy that overwrites it; unset: the TCP peer address",
 		def:  func(Config) string { return "" },
 		set: func(c *Config, v string) error {
-			if !validHeaderName(v) {
+			if !httpguts.ValidHeaderFieldName(v) {
 				return errBad
 			}
 			c.ClientIPHeader = textproto.CanonicalMIMEHeaderKey(v)
@@ -477,24 +479,6 @@ var vars = []envVar{
 			c.LogLevel = l
 			return nil
 		}},
-}
-
-// validHeaderName reports whether v is a field name HTTP allows: a token of
-// RFC 9110 section 5.6.2. A name with a space or a colon could never match
-// a header a proxy sets, so it is refused at start rather than silently
-// never matching.
-func validHeaderName(v string) bool {
-	if v == "" {
-		return false
-	}
-	for i := 0; i < len(v); i++ {
-		b := v[i]
-		if b >= '0' && b <= '9' || b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || strings.IndexByte("!#$%&'*+-.^_`|~", b) >= 0 {
-			continue
-		}
-		return false
-	}
-	return true
 }
 
 // renamed lists the old names still read, each for the variable of vars

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/net/http/httpguts"
+
 	"github.com/claudemesh/meshbroker/protocol"
 )
 
@@ -84,7 +86,7 @@ func (r *Realtime) Watch(ctx context.Context, c *Conn, req WatchRequest) (protoc
 		notifyOn = *req.NotifyOn
 	}
 	for k, v := range req.Headers {
-		if !validHeaderName(k) || strings.ContainsAny(v, "\r\n\x00") {
+		if !httpguts.ValidHeaderFieldName(k) || strings.ContainsAny(v, "\r\n\x00") {
 			return protocol.WatchAck{}, newError(protocol.CodeInvalidArgument, "headers must map header names to single-line values")
 		}
 	}
@@ -378,19 +380,4 @@ func jsString(v any) string {
 	default:
 		return "[object Object]"
 	}
-}
-
-// validHeaderName reports whether s is an HTTP token (RFC 9110 §5.6.2).
-func validHeaderName(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0 {
-			continue
-		}
-		return false
-	}
-	return true
 }
